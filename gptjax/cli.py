@@ -1,0 +1,148 @@
+"""`gptjax prepare | train | sample | eval | bench`: argument parsing and printing; the work lives in the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from gptjax.errors import UserError
+
+USAGE = """usage: gptjax COMMAND [--key=value ...]
+
+  prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
+  train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force]
+  sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
+           [--temperature=T] [--top_k=K] [--seed=S]
+  eval     --out_dir=DIR [--split=val|train] [--batch_size=N]
+  bench    [--config=NAME|FILE.py] [--key=value ...] [--steps=N] [--repeats=N]
+
+presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
+Config keys use nanoGPT's names (batch_size, block_size, n_layer, learning_rate, ...).
+"""
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    """--key=value pairs (a bare --flag is True) and positional arguments."""
+    opts, pos = {}, []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not key:
+                raise UserError(f"malformed argument {arg!r}: write --key=value")
+            opts[key] = value if eq else "true"
+        else:
+            pos.append(arg)
+    return opts, pos
+
+
+def _take(opts: dict, key: str, typ, default):
+    if key not in opts:
+        return default
+    raw = opts.pop(key)
+    if typ is str:
+        return raw
+    try:
+        return typ(raw) if typ is not bool else {"true": True, "false": False}[raw.lower()]
+    except (ValueError, KeyError):
+        raise UserError(f"--{key}={raw} is not a valid {typ.__name__}") from None
+
+
+def _only(opts: dict, allowed: tuple[str, ...], command: str) -> None:
+    import difflib
+
+    for key in opts:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=2, cutoff=0.5)
+            hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            raise UserError(f"gptjax {command} takes no --{key}{hint}")
+
+
+def _config(opts: dict):
+    from gptjax.config import load_config
+
+    return load_config(opts.pop("config", "shakespeare_char_cpu"), opts)
+
+
+def cmd_prepare(opts, pos):
+    from gptjax import data
+
+    config = _config(opts)
+    prep = data.prepare(config.data)
+    print(json.dumps(prep.meta, indent=1))
+    print(f"prepared in {prep.dir}")
+
+
+def cmd_train(opts, pos):
+    from gptjax import sample, train
+
+    force = _take(opts, "force", bool, False)
+    config = _config(opts)
+    summary = train.train(config, force=force, progress=True)
+    print("sample:")
+    print(sample.sample(summary["out_dir"], max_new_tokens=300)[0])
+
+
+def cmd_sample(opts, pos):
+    from gptjax import sample
+
+    _only(opts, ("out_dir", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed"), "sample")
+    out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
+    texts = sample.sample(
+        out_dir, start=_take(opts, "start", str, "\n"), num_samples=_take(opts, "num_samples", int, 1),
+        max_new_tokens=_take(opts, "max_new_tokens", int, 500), temperature=_take(opts, "temperature", float, 0.8),
+        top_k=_take(opts, "top_k", int, 200), seed=_take(opts, "seed", int, 1337),
+    )
+    for text in texts:
+        print(text)
+        print("---------------")
+
+
+def cmd_eval(opts, pos):
+    from gptjax import train
+
+    _only(opts, ("out_dir", "split", "batch_size"), "eval")
+    out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
+    split = _take(opts, "split", str, "val")
+    if split not in ("train", "val"):
+        raise UserError(f"--split={split}: use train or val")
+    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0))
+    print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
+          f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
+
+
+def cmd_bench(opts, pos):
+    from gptjax import bench
+
+    steps = _take(opts, "steps", int, 20)
+    repeats = _take(opts, "repeats", int, 5)
+    bench.run(_config(opts), steps=steps, repeats=repeats)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"gptjax: error: unknown command {command!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        opts, pos = parse(rest)
+        if pos:
+            raise UserError(f"unexpected argument {pos[0]!r}: options are written --key=value")
+        COMMANDS[command](opts, pos)
+    except UserError as e:
+        print(f"gptjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptjax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

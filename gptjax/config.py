@@ -1,0 +1,232 @@
+"""Frozen run configuration (model / data / train), presets, and type-checked --key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import runpy
+import typing
+from dataclasses import dataclass, field
+
+from gptjax.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "gpt"  # "gpt" or "bigram"
+    vocab_size: int = 0  # 0: taken from the prepared data
+    block_size: int = 256  # context length
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # model width
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings
+    bias: bool = False  # biases in Linear and LayerNorm layers (nanoGPT's train.py default)
+    tie_weights: bool = True  # LM head shares the token embedding matrix
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "shakespeare_char"  # corpus name: shakespeare_char | shakespeare | a label for --input
+    input: str = ""  # local text file; skips the download
+    tokenizer: str = ""  # char | gpt2 | bpe:N; empty: the dataset's own
+    data_dir: str = ""  # download + prepared-token cache; empty: $GPTJAX_DATA_DIR or ~/.cache/gptjax
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "out"  # config.json, metrics.jsonl, checkpoints/, loss.png
+    init_from: str = "scratch"  # scratch | resume
+    seed: int = 1337  # parameters, batches and dropout all derive from it
+    batch_size: int = 64  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 5000  # optimizer steps
+    eval_interval: int = 250  # steps between loss estimates and checkpoints
+    eval_iters: int = 200  # batches per loss estimate
+    log_interval: int = 10  # steps between progress-bar updates (each one syncs with the device)
+    learning_rate: float = 1e-3  # peak learning rate
+    decay_lr: bool = True  # linear warmup then cosine decay; False: constant learning_rate
+    warmup_iters: int = 100  # warmup steps
+    lr_decay_iters: int = 5000  # step at which the cosine reaches min_lr
+    min_lr: float = 1e-4  # floor of the cosine
+    weight_decay: float = 1e-1  # AdamW decoupled decay, only on >=2-D parameters
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.99  # AdamW second-moment decay
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return cls(**{name: sub(**d.get(name, {})) for name, sub in SECTIONS.items()})
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _shakespeare_char(**over) -> Config:
+    """nanoGPT's config/train_shakespeare_char.py."""
+    return override(
+        Config(
+            model=ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+            data=DataConfig(dataset="shakespeare_char"),
+            train=TrainConfig(
+                out_dir="out-shakespeare-char", eval_interval=250, eval_iters=200, log_interval=10,
+                batch_size=64, max_iters=5000, learning_rate=1e-3,
+                lr_decay_iters=5000, min_lr=1e-4, beta2=0.99, warmup_iters=100,
+            ),
+        ),
+        over,
+    )
+
+
+def _plain_adamw(lr: float) -> dict:
+    """torch.optim.AdamW's defaults at a constant rate, as the lecture's scripts use it."""
+    return dict(learning_rate=lr, decay_lr=False, warmup_iters=0, weight_decay=1e-2, beta2=0.999, grad_clip=0.0)
+
+
+PRESETS = {
+    # The seeds' bigram: an embedding table trained with AdamW(lr=1e-3), batch 32, block 8, 10000 steps.
+    "bigram": lambda: override(
+        Config(),
+        dict(model="bigram", block_size=8, dataset="shakespeare_char", out_dir="out-bigram", batch_size=32,
+             max_iters=10000, eval_interval=500, eval_iters=200, **_plain_adamw(1e-3)),
+    ),
+    # The lecture's final gpt.py: 6 layers x 6 heads x 384, block 256, batch 64, lr 3e-4, dropout 0.2.
+    "lecture": lambda: override(
+        Config(),
+        dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=True, tie_weights=False,
+             dataset="shakespeare_char", out_dir="out-lecture", batch_size=64, max_iters=5000,
+             eval_interval=500, eval_iters=200, **_plain_adamw(3e-4)),
+    ),
+    "shakespeare_char": _shakespeare_char,
+    # nanoGPT README's CPU run of the same config.
+    "shakespeare_char_cpu": lambda: _shakespeare_char(
+        block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=12, max_iters=2000,
+        lr_decay_iters=2000, eval_iters=20, log_interval=1, out_dir="out-shakespeare-char-cpu",
+    ),
+    # GPT-2 small's shape (124M) with nanoGPT's train_gpt2.py optimizer settings, on tiny Shakespeare BPE.
+    "gpt2": lambda: override(
+        Config(),
+        dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, dataset="shakespeare",
+             out_dir="out-gpt2", batch_size=12, gradient_accumulation_steps=40, max_iters=600000,
+             lr_decay_iters=600000, learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, beta2=0.95,
+             eval_interval=1000, eval_iters=200),
+    ),
+    # For tests: seconds on a CPU.
+    "tiny": lambda: override(
+        Config(),
+        dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, dataset="shakespeare_char",
+             out_dir="out-tiny", batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, log_interval=5,
+             warmup_iters=5, lr_decay_iters=20, learning_rate=1e-2, min_lr=1e-3),
+    ),
+}
+
+
+def field_types() -> dict[str, tuple[str, type]]:
+    """Every overridable key -> (section, type)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (section, hints[f.name])
+    return out
+
+
+def _parse(key: str, raw, typ: type):
+    if typ is str:
+        if not isinstance(raw, str):
+            raise UserError(f"--{key} expects a string, got {raw!r}")
+        return raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw.lower() if typ is bool else raw)
+        except json.JSONDecodeError:
+            raise UserError(f"--{key}={raw} is not a valid {typ.__name__}") from None
+    else:
+        value = raw
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not typ:
+        raise UserError(f"--{key} expects a {typ.__name__}, got {raw!r}")
+    return value
+
+
+def override(config: Config, overrides: dict) -> Config:
+    """Apply {key: value} with nanoGPT's flat field names; values may be strings from the command line."""
+    types = field_types()
+    changes: dict[str, dict] = {s: {} for s in SECTIONS}
+    for key, raw in overrides.items():
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+            raise UserError(f"unknown config key --{key}{hint}")
+        section, typ = types[key]
+        changes[section][key] = _parse(key, raw, typ)
+    return Config(**{s: dataclasses.replace(getattr(config, s), **changes[s]) for s in SECTIONS})
+
+
+def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
+    """A preset name or a Python file, then overrides."""
+    if name_or_path in PRESETS:
+        config = PRESETS[name_or_path]()
+    elif name_or_path.endswith(".py"):
+        if not os.path.isfile(name_or_path):
+            raise UserError(f"config file {name_or_path} not found")
+        config = _from_file(name_or_path)
+    else:
+        close = difflib.get_close_matches(name_or_path, list(PRESETS), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise UserError(f"unknown config {name_or_path!r}{hint}: use one of {', '.join(PRESETS)} or a .py file")
+    config = override(config, overrides or {})
+    validate(config)
+    return config
+
+
+def _from_file(path: str) -> Config:
+    """A file defining `config = Config(...)`, or nanoGPT-style globals (`n_layer = 4`) on top of `base`."""
+    ns = runpy.run_path(path)
+    if isinstance(ns.get("config"), Config):
+        return ns["config"]
+    base = ns.get("base", "shakespeare_char")
+    types = field_types()
+    flat = {k: v for k, v in ns.items() if not k.startswith("_") and k in types}
+    unknown = [k for k, v in ns.items() if not k.startswith("_") and k not in types and k != "base"
+               and isinstance(v, (int, float, str, bool))]
+    if unknown:
+        override(Config(), {unknown[0]: None})  # raises with the closest valid keys
+    return override(PRESETS[base](), flat)
+
+
+def validate(config: Config) -> None:
+    """Shape and range checks that would otherwise fail deep inside JAX."""
+    m, t, d = config.model, config.train, config.data
+    if m.model not in ("gpt", "bigram"):
+        raise UserError(f"--model={m.model}: use gpt or bigram")
+    if m.model == "gpt" and m.n_embd % m.n_head:
+        raise UserError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    for key, value in (("block_size", m.block_size), ("n_layer", m.n_layer), ("n_head", m.n_head),
+                       ("n_embd", m.n_embd), ("batch_size", t.batch_size), ("eval_interval", t.eval_interval),
+                       ("eval_iters", t.eval_iters), ("log_interval", t.log_interval),
+                       ("gradient_accumulation_steps", t.gradient_accumulation_steps)):
+        if value < 1:
+            raise UserError(f"--{key}={value} must be at least 1")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"--dropout={m.dropout} must be in [0, 1)")
+    if t.max_iters < 0 or t.learning_rate <= 0:
+        raise UserError("--max_iters must be >= 0 and --learning_rate > 0")
+    if t.init_from not in ("scratch", "resume"):
+        raise UserError(f"--init_from={t.init_from}: use scratch or resume")
+    if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:
+        raise UserError(f"--lr_decay_iters={t.lr_decay_iters} must exceed --warmup_iters={t.warmup_iters}")
+    if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
+        raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")

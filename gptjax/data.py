@@ -1,0 +1,147 @@
+"""Corpora (download + sha256, or a local path), 90/10 token files with a JSON meta, and the batch sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptjax import tokenizers
+from gptjax.config import DataConfig
+from gptjax.errors import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# nanoGPT's dataset names -> the tokenizer each one uses.
+CORPORA = {"shakespeare_char": "char", "shakespeare": "gpt2"}
+SPLITS = ("train", "val")
+
+
+def data_dir(config: DataConfig) -> str:
+    return config.data_dir or os.environ.get("GPTJAX_DATA_DIR") or os.path.expanduser("~/.cache/gptjax")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_shakespeare(root: str) -> str:
+    """The cached tiny Shakespeare, downloaded and checked on first use."""
+    path = os.path.join(root, "tinyshakespeare", "input.txt")
+    if os.path.exists(path) and sha256(path) == SHAKESPEARE_SHA256:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as r:
+            body = r.read()
+    except OSError as e:
+        raise UserError(
+            f"cannot download tiny Shakespeare ({e.__class__.__name__}); pass a local copy with --input=PATH "
+            f"or place it at {path}"
+        ) from None
+    if hashlib.sha256(body).hexdigest() != SHAKESPEARE_SHA256:
+        raise UserError(f"the download from {SHAKESPEARE_URL} does not match its sha256; pass --input=PATH")
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
+        f.write(body)
+    os.replace(f.name, path)
+    return path
+
+
+def corpus_path(config: DataConfig) -> str:
+    if config.input:
+        if not os.path.isfile(config.input):
+            raise UserError(f"--input={config.input}: no such file")
+        return config.input
+    if config.dataset not in CORPORA:
+        raise UserError(f"--dataset={config.dataset} is not a known corpus ({', '.join(CORPORA)}); "
+                        "for your own text pass --input=PATH")
+    return _download_shakespeare(data_dir(config))
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if len(text) < 2:
+        raise UserError(f"{path} is empty: a corpus needs text to train on")
+    return text
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A tokenized corpus on disk: {train,val}.bin, meta.json and tokenizer.json in one directory."""
+
+    dir: str
+    meta: dict
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(os.path.join(self.dir, f"{split}.bin"), dtype=self.meta["dtype"], mode="r")
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        return tokenizers.load(os.path.join(self.dir, "tokenizer.json"))
+
+
+def prepare(config: DataConfig) -> Prepared:
+    """Tokenize the corpus once (90/10 split of the text); reuse the cache when corpus and tokenizer match."""
+    path = corpus_path(config)
+    digest = sha256(path)
+    spec = config.tokenizer or CORPORA.get(config.dataset, "char")
+    name = f"{digest[:16]}-{spec.replace(':', '')}"
+    out = os.path.join(data_dir(config), "prepared", name)
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return Prepared(out, json.load(f))
+
+    text = read_text(path)
+    n = int(len(text) * 0.9)
+    parts = {"train": text[:n], "val": text[n:]}
+    tok = tokenizers.build(spec, text)
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    ids = {s: np.asarray(tok.encode(parts[s]), dtype=dtype) for s in SPLITS}
+    if min(len(ids["train"]), len(ids["val"])) < 2:
+        raise UserError(f"{path} is too short: each split needs at least 2 tokens")
+    meta = {
+        "corpus": os.path.abspath(path), "corpus_sha256": digest, "tokenizer": spec,
+        "vocab_size": tok.vocab_size, "dtype": dtype,
+        "train_tokens": len(ids["train"]), "val_tokens": len(ids["val"]),
+        "train_chars": len(parts["train"]), "val_chars": len(parts["val"]),
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out))  # written whole, then renamed: no half-prepared cache
+    for s in SPLITS:
+        ids[s].tofile(os.path.join(tmp, f"{s}.bin"))
+    tokenizers.save(tok, os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process prepared it first
+        shutil.rmtree(tmp)
+    return Prepared(out, meta)
+
+
+def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
+    if len(tokens) < block_size + 1:
+        raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than block_size+1={block_size + 1}; "
+                        "lower --block_size or use a longer corpus")
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, stream: int = 0):
+    """Random windows of block_size+1 tokens -> (x, y) int32 [batch, block]; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, stream, step])
+    ix = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    window = tokens[ix[:, None] + np.arange(block_size + 1)].astype(np.int32)
+    return window[:, :-1], window[:, 1:]

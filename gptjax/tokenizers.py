@@ -1,0 +1,176 @@
+"""Tokenizers: the lecture's char vocabulary, GPT-2's BPE via tiktoken, and a byte-level BPE trained on the corpus."""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import json
+from collections import Counter
+
+import regex
+import tiktoken
+
+from gptjax.errors import UserError
+
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs, whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the corpus's characters in sorted order."""
+
+    def __init__(self, chars: str):
+        self.name = "char"
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._stoi[c] for c in text]
+        except KeyError as e:
+            raise UserError(f"character {e.args[0]!r} is not in this model's char vocabulary") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """A tiktoken Encoding: GPT-2's ranks, or ranks trained on the corpus by `train_bpe`."""
+
+    def __init__(self, name: str, encoding: tiktoken.Encoding):
+        self.name = name
+        self.encoding = encoding
+        self.vocab_size = encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode([int(i) for i in ids])
+
+    def to_json(self) -> dict:
+        if self.name == "gpt2":
+            return {"kind": "gpt2"}
+        ranks = sorted(self.encoding._mergeable_ranks.items(), key=lambda kv: kv[1])
+        return {"kind": "bpe", "pat_str": self.encoding._pat_str,
+                "ranks": [base64.b64encode(b).decode("ascii") for b, _ in ranks]}
+
+
+Tokenizer = CharTokenizer | TiktokenTokenizer
+
+
+def gpt2() -> TiktokenTokenizer:
+    """GPT-2's BPE; tiktoken's r50k_base holds the same ranks and is found offline in TIKTOKEN_CACHE_DIR."""
+    try:
+        enc = tiktoken.get_encoding("r50k_base")
+    except Exception as e:  # tiktoken raises whatever its downloader raised
+        raise UserError(
+            f"cannot load the GPT-2 BPE ranks ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a "
+            "directory holding tiktoken's cached r50k_base file"
+        ) from None
+    return TiktokenTokenizer("gpt2", enc)
+
+
+def _bpe_encoding(name: str, ranks: list[bytes], pat_str: str = GPT2_PATTERN) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks={b: i for i, b in enumerate(ranks)},
+                             special_tokens={})
+
+
+def train_bpe(text: str, vocab_size: int) -> TiktokenTokenizer:
+    """Byte-level BPE (GPT-2 pre-tokenization) grown from 256 bytes to vocab_size distinct tokens."""
+    if vocab_size < 256:
+        raise UserError(f"--tokenizer=bpe:{vocab_size}: a byte-level BPE needs at least 256 tokens")
+    words = Counter(m.encode("utf-8") for m in regex.findall(GPT2_PATTERN, text))
+    seqs = [list(w) for w in words]
+    counts = list(words.values())
+    ranks = [bytes([i]) for i in range(256)]
+    rank_of = {b: i for i, b in enumerate(ranks)}
+
+    pair_counts: Counter = Counter()
+    where: dict[tuple[int, int], set[int]] = {}
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pair_counts[pair] += counts[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(ranks) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg or -neg == 0:
+            continue  # stale entry
+        merged = ranks[pair[0]] + ranks[pair[1]]
+        if merged not in rank_of:  # two merge orders can spell the same bytes: keep one id for them
+            rank_of[merged] = len(ranks)
+            ranks.append(merged)
+        new = rank_of[merged]
+        for i in where.pop(pair, ()):
+            seq, c = seqs[i], counts[i]
+            if len(seq) < 2:
+                continue
+            out, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and seq[j] == pair[0] and seq[j + 1] == pair[1]:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            if len(out) == len(seq):
+                continue
+            changed = set()
+            for p in zip(seq, seq[1:]):
+                pair_counts[p] -= c
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                pair_counts[p] += c
+                changed.add(p)
+                where.setdefault(p, set()).add(i)
+            seqs[i] = out
+            for p in changed:
+                if p != pair and pair_counts[p] > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+        pair_counts.pop(pair, None)
+    return TiktokenTokenizer(f"bpe:{vocab_size}", _bpe_encoding(f"bpe{vocab_size}", ranks))
+
+
+def build(spec: str, text: str) -> Tokenizer:
+    """The tokenizer named by spec (char | gpt2 | bpe:N), fitted to text where it learns from the corpus."""
+    if spec == "char":
+        return CharTokenizer.from_text(text)
+    if spec == "gpt2":
+        return gpt2()
+    if spec.startswith("bpe:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise UserError(f"--tokenizer={spec}: write bpe:N with N an integer, e.g. bpe:1024") from None
+        return train_bpe(text, n)
+    raise UserError(f"--tokenizer={spec}: use char, gpt2 or bpe:N")
+
+
+def from_json(d: dict) -> Tokenizer:
+    if d["kind"] == "char":
+        return CharTokenizer(d["chars"])
+    if d["kind"] == "gpt2":
+        return gpt2()
+    ranks = [base64.b64decode(r) for r in d["ranks"]]
+    return TiktokenTokenizer(f"bpe:{len(ranks)}", _bpe_encoding(f"bpe{len(ranks)}", ranks, d["pat_str"]))
+
+
+def save(tok: Tokenizer, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(tok.to_json(), f)
+
+
+def load(path: str) -> Tokenizer:
+    with open(path) as f:
+        return from_json(json.load(f))

@@ -1,0 +1,318 @@
+"""TrainState, AdamW with nanoGPT's schedule / clipping / decay mask, the jitted train step, evaluation, the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax import checkpoint, data, model
+from gptjax.config import Config, ModelConfig, TrainConfig
+from gptjax.errors import UserError
+
+RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # optimizer steps taken
+    params: object  # nnx.State of the model's parameters
+    opt_state: optax.OptState
+    best_val_loss: jax.Array  # lowest estimated val loss so far (inf before the first eval)
+
+
+def lr_schedule(t: TrainConfig):
+    """nanoGPT's get_lr: warmup lr*(it+1)/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
+    if not t.decay_lr:
+        return lambda it: jnp.asarray(t.learning_rate, jnp.float32)
+
+    def lr(it):
+        it = jnp.asarray(it, jnp.float32)
+        warm = t.learning_rate * (it + 1) / (t.warmup_iters + 1)
+        ratio = jnp.clip((it - t.warmup_iters) / (t.lr_decay_iters - t.warmup_iters), 0.0, 1.0)
+        cos = t.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+        return jnp.where(it < t.warmup_iters, warm, jnp.where(it > t.lr_decay_iters, t.min_lr, cos))
+
+    return lr
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
+
+    def update(updates, state, params=None):
+        coef = jnp.minimum(max_norm / (optax.global_norm(updates) + 1e-6), 1.0)
+        return jax.tree.map(lambda g: g * coef, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def decay_mask(params):
+    """Weight decay on matrices and embeddings (>= 2-D), not on biases and LayerNorm gains, as nanoGPT groups them."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8, weight_decay=t.weight_decay,
+                        mask=decay_mask(params))
+    return optax.chain(clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.asarray(jnp.inf, jnp.float32))
+
+
+def loss_fn(graphdef, params, x_BT, y_BT, key=None):
+    return model.cross_entropy(model.apply(graphdef, params, x_BT, key), y_BT)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig):
+    """jit(train_step(state, x_ABT, y_ABT, key) -> (state, metrics)), A = gradient accumulation micro-batches."""
+    schedule = lr_schedule(t)
+    grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
+
+    def train_step(state: TrainState, x_ABT, y_ABT, key):
+        keys = jax.random.split(jax.random.fold_in(key, state.step), x_ABT.shape[0])
+        if x_ABT.shape[0] == 1:
+            loss, grads = grad_fn(state.params, x_ABT[0], y_ABT[0], keys[0])
+        else:
+            def micro(acc, xyk):
+                loss, grads = grad_fn(state.params, *xyk)
+                return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(micro, zero, (x_ABT, y_ABT, keys))
+            loss, grads = jax.tree.map(lambda a: a / x_ABT.shape[0], (loss, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_estimate_loss(graphdef):
+    """jit(params, x_NBT, y_NBT) -> mean loss over N batches, in one device call."""
+
+    def estimate(params, x_NBT, y_NBT):
+        return jax.lax.map(lambda xy: loss_fn(graphdef, params, *xy), (x_NBT, y_NBT)).mean()
+
+    return jax.jit(estimate)
+
+
+def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index: int):
+    """The eval_iters batches of one loss estimate: fresh random windows each eval, reproducible by seed."""
+    stream = 1 + data.SPLITS.index(split)
+    x, y = data.get_batch(tokens, t.eval_iters * t.batch_size, block_size, t.seed, eval_index, stream)
+    return x.reshape(t.eval_iters, t.batch_size, -1), y.reshape(t.eval_iters, t.batch_size, -1)
+
+
+def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size: int) -> tuple[float, int]:
+    """Summed nats over every next-token prediction of `tokens`, in consecutive windows of block_size; (nats, n)."""
+
+    @jax.jit
+    def nll_sum(params, x_BT, y_BT, mask_BT):
+        logits = model.apply(graphdef, params, x_BT).astype(jnp.float32)
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y_BT[..., None], -1)[..., 0]
+        return (nll * mask_BT).sum()
+
+    n = len(tokens) - 1
+    windows = -(-n // block_size)
+    pad = windows * block_size - n
+    x = np.concatenate([np.asarray(tokens[:-1], np.int32), np.zeros(pad, np.int32)]).reshape(windows, block_size)
+    y = np.concatenate([np.asarray(tokens[1:], np.int32), np.zeros(pad, np.int32)]).reshape(windows, block_size)
+    mask = (np.arange(windows * block_size) < n).astype(np.float32).reshape(windows, block_size)
+    total = 0.0
+    for i in range(0, windows, batch_size):
+        sl = slice(i, i + batch_size)
+        bx, by, bm = x[sl], y[sl], mask[sl]
+        if len(bx) < batch_size:  # pad the last batch so one compiled shape serves all
+            extra = batch_size - len(bx)
+            bx, by = (np.concatenate([a, np.zeros((extra, block_size), np.int32)]) for a in (bx, by))
+            bm = np.concatenate([bm, np.zeros((extra, block_size), np.float32)])
+        total += float(nll_sum(params, bx, by, bm))
+    return total, n
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _prepare_out_dir(config: Config, force: bool) -> Config | None:
+    """Check out_dir before anything is written; for resume, return the saved config."""
+    out = config.train.out_dir
+    cfg_path = os.path.join(out, "config.json")
+    if config.train.init_from == "resume":
+        if not os.path.exists(cfg_path) or not checkpoint.exists(out, "latest"):
+            raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
+        with open(cfg_path) as f:
+            return Config.from_dict(json.load(f))
+    if any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
+        if not force:
+            raise UserError(f"{out} already holds a run: continue it with --init_from=resume, pick another "
+                            "--out_dir, or pass --force to replace it")
+        for f in RUN_FILES:
+            p = os.path.join(out, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+    return None
+
+
+def setup(config: Config):
+    """Data, model and optimizer for a config: (config with vocab_size, prepared data, graphdef, params, tx)."""
+    prep = data.prepare(config.data)
+    vocab = config.model.vocab_size or prep.meta["vocab_size"]
+    if vocab < prep.meta["vocab_size"]:
+        raise UserError(f"--vocab_size={vocab} is smaller than the tokenizer's {prep.meta['vocab_size']}")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
+    for split in data.SPLITS:
+        data.check_fits(prep.tokens(split), config.model.block_size, split)
+    graphdef, params = model.split(model.create(config.model, config.train.seed))
+    return config, prep, graphdef, params, make_optimizer(config.train, params)
+
+
+def train(config: Config, force: bool = False, progress: bool = True) -> dict:
+    """Train as the config says, writing config.json, metrics.jsonl, checkpoints and loss.png to out_dir."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    saved = _prepare_out_dir(config, force)
+    if saved is not None:  # resume: the run's own model and data; this invocation's training settings
+        if saved.model != dataclasses.replace(config.model, vocab_size=saved.model.vocab_size):
+            print(f"resuming with the saved model config of {config.train.out_dir}")
+        config = dataclasses.replace(saved, train=config.train)
+    config, prep, graphdef, params, tx = setup(config)
+    t, m = config.train, config.model
+    out = t.out_dir
+    os.makedirs(out, exist_ok=True)
+    state = init_state(params, tx)
+    if saved is not None:
+        state = checkpoint.restore(out, "latest", state)
+    _write_json(os.path.join(out, "config.json"), config.to_dict())
+    shutil.copy(os.path.join(prep.dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+
+    train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
+    train_step = make_train_step(graphdef, tx, t)
+    estimate = make_estimate_loss(graphdef)
+    dropout_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
+    A, B, T = t.gradient_accumulation_steps, t.batch_size, m.block_size
+    tokens_per_step = A * B * T
+
+    def batch(step):
+        x, y = data.get_batch(train_tokens, A * B, T, t.seed, step)
+        return x.reshape(A, B, T), y.reshape(A, B, T)
+
+    print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
+          f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens")
+    start = int(state.step)
+    history = []
+    compile_s = None
+    bar = tqdm(total=t.max_iters, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    x, y = batch(start)
+    prev = None  # last step's metrics: fetched a step late so the host never waits on the step just queued
+    interval_start, interval_steps = time.perf_counter(), 0
+    for step in range(start, t.max_iters + 1):
+        if step % t.eval_interval == 0 or step == t.max_iters:
+            jax.block_until_ready(state)
+            elapsed = time.perf_counter() - interval_start
+            tps = interval_steps * tokens_per_step / elapsed if interval_steps else 0.0
+            losses = {s: float(estimate(state.params, *eval_batches(tok, t, T, s, step)))
+                      for s, tok in (("train", train_tokens), ("val", val_tokens))}
+            row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                   "lr": float(lr_schedule(t)(step)), "tokens_per_sec": tps,
+                   "elapsed_s": time.perf_counter() - t0}
+            history.append(row)
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                      f"{tps:,.0f} tokens/s")
+            if step > start:
+                if losses["val"] < float(state.best_val_loss):
+                    state = state._replace(best_val_loss=jnp.asarray(losses["val"], jnp.float32))
+                    checkpoint.save(out, "best", state)
+                checkpoint.save(out, "latest", state)
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step == t.max_iters:
+            break
+        if compile_s is None:
+            tick = time.perf_counter()
+            state, metrics = train_step(state, x, y, dropout_key)
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - tick
+            bar.write(f"compiled the train step in {compile_s:.1f} s (first call, including one step)")
+            interval_start = time.perf_counter()
+        else:
+            state, metrics = train_step(state, x, y, dropout_key)
+            interval_steps += 1
+        x, y = batch(step + 1)  # sampled on the host while the device works
+        if prev is not None and step % t.log_interval == 0:
+            loss = float(prev["loss"])
+            rate = interval_steps * tokens_per_step / max(time.perf_counter() - interval_start, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        prev = metrics
+        bar.update(1)
+    jax.block_until_ready(state)
+    bar.close()
+    wall = time.perf_counter() - t0
+    _plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    summary = {"steps": t.max_iters - start, "wall_s": wall, "compile_s": compile_s, "last": history[-1],
+               "best_val_loss": float(state.best_val_loss), "out_dir": out}
+    print(f"done: {summary['steps']} steps in {wall:.1f} s wall; val loss {history[-1]['val_loss']:.4f} "
+          f"(best {summary['best_val_loss']:.4f}); checkpoints in {os.path.join(out, 'checkpoints')}")
+    return summary
+
+
+def _plot(metrics_path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train_loss", "val_loss"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def load_run(out_dir: str, which: str = "best"):
+    """(config, graphdef, params) of a trained run; `which` is best or latest (falls back to latest)."""
+    cfg_path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
+    with open(cfg_path) as f:
+        config = Config.from_dict(json.load(f))
+    graphdef, params = model.split(model.create(config.model, config.train.seed))
+    tx = make_optimizer(config.train, params)
+    name = which if checkpoint.exists(out_dir, which) else "latest"
+    state = checkpoint.restore(out_dir, name, init_state(params, tx))
+    return config, graphdef, state.params
+
+
+def evaluate(out_dir: str, split: str = "val", batch_size: int = 0) -> dict:
+    """Exact loss of a run's best checkpoint over a whole split, in nats/token and bits/char."""
+    config, graphdef, params = load_run(out_dir)
+    prep = data.prepare(config.data)
+    tokens = prep.tokens(split)
+    nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size or config.train.batch_size)
+    tok = prep.tokenizer()
+    chars = prep.meta[f"{split}_chars"] - len(tok.decode([int(tokens[0])]))  # the first token is never predicted
+    return {"split": split, "tokens": n, "loss": nats / n, "bits_per_char": nats / math.log(2) / chars,
+            "chars": chars}
+
+
+__all__ = ["TrainState", "ModelConfig", "train", "evaluate", "load_run", "make_train_step", "make_optimizer"]
