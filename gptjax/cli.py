@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from gptjax import parallel
 from gptjax.errors import UserError
 
 USAGE = """usage: gptjax COMMAND [--key=value ...]
@@ -123,6 +124,7 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "e
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    parallel.use_all_cores()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -185,7 +185,15 @@ def cross_entropy(logits_BTV, targets_BT):
     return (lse_BT - picked_BT).mean()
 
 
+def param_names(params) -> dict:
+    """{"h.0.attn.c_attn.weight": array, ...}: nanoGPT's dotted names (without its "transformer." prefix)."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out[".".join(p for p in parts if p != "value")] = x
+    return out
+
+
 def num_params(params, exclude_wpe: bool = True) -> int:
     """Parameter count; like nanoGPT, position embeddings are not counted by default."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum(x.size for path, x in leaves if not (exclude_wpe and "wpe" in jax.tree_util.keystr(path)))
+    return sum(x.size for name, x in param_names(params).items() if not (exclude_wpe and name.startswith("wpe.")))

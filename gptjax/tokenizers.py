@@ -139,6 +139,9 @@ def train_bpe(text: str, vocab_size: int) -> TiktokenTokenizer:
                 if p != pair and pair_counts[p] > 0:
                     heapq.heappush(heap, (-pair_counts[p], p))
         pair_counts.pop(pair, None)
+    if len(ranks) < vocab_size:
+        raise UserError(f"--tokenizer=bpe:{vocab_size}: this corpus runs out of pairs to merge at {len(ranks)} "
+                        f"tokens; ask for bpe:{len(ranks)} or fewer")
     return TiktokenTokenizer(f"bpe:{vocab_size}", _bpe_encoding(f"bpe{vocab_size}", ranks))
 
 

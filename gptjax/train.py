@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint, data, model
+from gptjax import checkpoint, data, model, parallel
 from gptjax.config import Config, ModelConfig, TrainConfig
 from gptjax.errors import UserError
 
@@ -44,11 +44,15 @@ def lr_schedule(t: TrainConfig):
     return lr
 
 
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
 
     def update(updates, state, params=None):
-        coef = jnp.minimum(max_norm / (optax.global_norm(updates) + 1e-6), 1.0)
+        coef = jnp.minimum(max_norm / (global_norm(updates) + 1e-6), 1.0)
         return jax.tree.map(lambda g: g * coef, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -73,8 +77,12 @@ def loss_fn(graphdef, params, x_BT, y_BT, key=None):
     return model.cross_entropy(model.apply(graphdef, params, x_BT, key), y_BT)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig):
-    """jit(train_step(state, x_ABT, y_ABT, key) -> (state, metrics)), A = gradient accumulation micro-batches."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, mesh=None):
+    """jit(train_step(state, x_ABT, y_ABT, key) -> (state, metrics)), A = gradient accumulation micro-batches.
+
+    With a mesh, batches are split over its 'data' axis and the state is replicated; XLA inserts the
+    gradient all-reduce. Without one, everything runs on the default device.
+    """
     schedule = lr_schedule(t)
     grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
 
@@ -92,19 +100,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig):
             loss, grads = jax.tree.map(lambda a: a / x_ABT.shape[0], (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(rep, batch, batch, rep), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def make_estimate_loss(graphdef):
+def make_estimate_loss(graphdef, mesh=None):
     """jit(params, x_NBT, y_NBT) -> mean loss over N batches, in one device call."""
 
     def estimate(params, x_NBT, y_NBT):
         return jax.lax.map(lambda xy: loss_fn(graphdef, params, *xy), (x_NBT, y_NBT)).mean()
 
-    return jax.jit(estimate)
+    if mesh is None:
+        return jax.jit(estimate)
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(estimate, in_shardings=(rep, batch, batch), out_shardings=rep)
 
 
 def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index: int):
@@ -192,15 +206,17 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     t, m = config.train, config.model
     out = t.out_dir
     os.makedirs(out, exist_ok=True)
+    mesh = parallel.data_mesh(config.train.batch_size)
     state = init_state(params, tx)
     if saved is not None:
         state = checkpoint.restore(out, "latest", state)
+    state = jax.device_put(state, parallel.replicated(mesh))
     _write_json(os.path.join(out, "config.json"), config.to_dict())
     shutil.copy(os.path.join(prep.dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
-    train_step = make_train_step(graphdef, tx, t)
-    estimate = make_estimate_loss(graphdef)
+    train_step = make_train_step(graphdef, tx, t, mesh)
+    estimate = make_estimate_loss(graphdef, mesh)
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
     A, B, T = t.gradient_accumulation_steps, t.batch_size, m.block_size
     tokens_per_step = A * B * T
@@ -210,7 +226,8 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
         return x.reshape(A, B, T), y.reshape(A, B, T)
 
     print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
-          f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens")
+          f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
+          f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)")
     start = int(state.step)
     history = []
     compile_s = None

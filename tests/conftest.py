@@ -1,0 +1,73 @@
+"""Shared fixtures: the data directory (GPTJAX_TEST_DATA), a per-session token cache, tiny configs."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _test_data() -> str | None:
+    env = os.environ.get("GPTJAX_TEST_DATA")
+    if env:
+        return os.path.abspath(env)
+    default = os.path.join(ROOT, "..", "shared", "data")
+    return os.path.abspath(default) if os.path.isdir(default) else None
+
+
+TEST_DATA = _test_data()
+if TEST_DATA and os.path.isdir(os.path.join(TEST_DATA, "tiktoken")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(TEST_DATA, "tiktoken"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Every test prepares into one throwaway cache, never the user's ~/.cache/gptjax."""
+    path = str(tmp_path_factory.mktemp("gptjax-data"))
+    old = os.environ.get("GPTJAX_DATA_DIR")
+    os.environ["GPTJAX_DATA_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("GPTJAX_DATA_DIR", None)
+    else:
+        os.environ["GPTJAX_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if os.environ.get("GPTJAX_TEST_DATA") and not os.path.isdir(TEST_DATA):
+        pytest.fail(f"GPTJAX_TEST_DATA={os.environ['GPTJAX_TEST_DATA']} does not exist: point it at the shared data")
+    if TEST_DATA is None:
+        pytest.skip("no test data: set GPTJAX_TEST_DATA to the shared data directory")
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare(data_dir) -> str:
+    path = os.path.join(data_dir, "tinyshakespeare", "input.txt")
+    if not os.path.isfile(path):
+        pytest.fail(f"{path} is missing from GPTJAX_TEST_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text(shakespeare) -> str:
+    with open(shakespeare, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def tiny_config(shakespeare):
+    from gptjax.config import load_config
+
+    return load_config("tiny", {"input": shakespeare})
+
+
+def run_cli(*args, env=None, cwd=None):
+    """gptjax in a subprocess, as a user runs it."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=600)

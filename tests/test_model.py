@@ -1,0 +1,127 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import model
+from gptjax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+
+def _tokens(B=3, T=16, V=37, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    dataclasses.replace(CFG, bias=True, tie_weights=False),
+    dataclasses.replace(CFG, model="bigram"),
+])
+def test_shapes_and_finite(cfg):
+    graphdef, params = model.split(model.create(cfg, 0))
+    for T in (1, 7, 16):
+        logits = model.apply(graphdef, params, _tokens(T=T))
+        assert logits.shape == (3, T, 37)
+        assert jnp.isfinite(logits).all()
+
+
+def test_initial_loss_is_near_uniform():
+    graphdef, params = model.split(model.create(CFG, 0))
+    x, y = _tokens(seed=0), _tokens(seed=1)
+    loss = model.cross_entropy(model.apply(graphdef, params, x), y)
+    assert abs(float(loss) - np.log(37)) < 0.1
+
+
+def test_parameter_layout_follows_nanogpt():
+    _, params = model.split(model.create(dataclasses.replace(CFG, bias=True), 0))
+    named = model.param_names(params)
+    assert {"h.0.attn.c_attn.weight", "h.1.mlp.c_proj.bias", "wte.weight", "wpe.weight", "ln_f.bias"} <= set(named)
+    assert named["h.0.attn.c_attn.weight"].shape == (32, 96)  # [in, out]: nanoGPT's Linear weight transposed
+    assert not any("lm_head" in n for n in named)  # tied to wte
+    assert abs(float(np.std(named["h.0.attn.c_attn.weight"])) - 0.02) < 0.002
+    assert abs(float(np.std(named["h.0.mlp.c_proj.weight"])) - 0.02 / np.sqrt(4)) < 0.001
+    assert float(np.abs(named["h.0.mlp.c_fc.bias"]).max()) == 0.0
+    assert model.num_params(params) == sum(x.size for x in named.values()) - 16 * 32
+
+
+@pytest.mark.parametrize("model_kind", ["gpt", "bigram"])
+def test_causal_by_gradients(model_kind):
+    cfg = dataclasses.replace(CFG, model=model_kind)
+    graphdef, params = model.split(model.create(cfg, 0))
+    x = _tokens(B=1)
+    emb = params["wte"]["weight"][...] if model_kind == "gpt" else None
+
+    # d logits[t] / d (one-hot input at s) for a GPT: go through the embedding by feeding a soft one-hot.
+    if model_kind == "gpt":
+        def out_at(t, onehot_TV):
+            m = __import__("flax").nnx.merge(graphdef, params)
+            x_BTD = (onehot_TV @ emb)[None] + m.wpe.weight[...][:16][None]
+            for block in m.h:
+                x_BTD = block(x_BTD)
+            return (m.ln_f(x_BTD) @ emb.T)[0, t].sum()
+
+        onehot = jax.nn.one_hot(x[0], 37)
+        for t in (0, 5, 15):
+            g = jax.grad(out_at, argnums=1)(t, onehot)
+            assert jnp.all(g[t + 1:] == 0.0), f"position {t} sees the future"
+            assert jnp.any(g[: t + 1] != 0.0)
+    else:
+        logits = model.apply(graphdef, params, x)
+        x2 = x.at[0, 10].set((x[0, 10] + 1) % 37)
+        logits2 = model.apply(graphdef, params, x2)
+        np.testing.assert_array_equal(logits[0, :10], logits2[0, :10])
+
+
+def test_future_tokens_do_not_change_past_logits():
+    graphdef, params = model.split(model.create(CFG, 0))
+    x = _tokens(B=2)
+    y = x.at[:, 9:].set((x[:, 9:] + 5) % 37)
+    a, b = model.apply(graphdef, params, x), model.apply(graphdef, params, y)
+    np.testing.assert_array_equal(a[:, :9], b[:, :9])
+    assert not np.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_jit_equals_no_jit():
+    graphdef, params = model.split(model.create(CFG, 0))
+    x = _tokens()
+
+    def loss(p):
+        return model.cross_entropy(model.apply(graphdef, p, x), x)
+
+    l1, g1 = jax.jit(jax.value_and_grad(loss))(params)
+    with jax.disable_jit():
+        l2, g2 = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_custom_linear_gradient_matches_autodiff():
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, w = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(kw, (8, 6))
+    g = jax.random.normal(kg, (3, 5, 6))
+    _, vjp = jax.vjp(model.linear, x, w)
+    _, vjp_ref = jax.vjp(lambda a, b: a @ b, x, w)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_with_a_key():
+    cfg = dataclasses.replace(CFG, dropout=0.5)
+    graphdef, params = model.split(model.create(cfg, 0))
+    x = _tokens()
+    eval1, eval2 = model.apply(graphdef, params, x), model.apply(graphdef, params, x)
+    np.testing.assert_array_equal(eval1, eval2)
+    k = jax.random.PRNGKey(1)
+    tr1, tr2 = model.apply(graphdef, params, x, k), model.apply(graphdef, params, x, k)
+    np.testing.assert_array_equal(tr1, tr2)
+    assert not np.allclose(tr1, eval1)
+    assert not np.allclose(tr1, model.apply(graphdef, params, x, jax.random.PRNGKey(2)))
+
+
+def test_untied_head_has_its_own_matrix():
+    graphdef, params = model.split(model.create(dataclasses.replace(CFG, tie_weights=False), 0))
+    assert params["lm_head"]["weight"][...].shape == (32, 37)
