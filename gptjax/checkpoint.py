@@ -19,16 +19,22 @@ def exists(out_dir: str, name: str) -> bool:
     return os.path.isdir(path(out_dir, name))
 
 
-def save(out_dir: str, name: str, tree) -> None:
-    """Write to a temporary directory, then swap it in, so a crash never leaves no checkpoint."""
+def save(out_dir: str, name: str, tree, copy_of: str | None = None) -> None:
+    """Write to a temporary directory, then swap it in, so a crash never leaves no checkpoint.
+
+    copy_of names a checkpoint just saved from the same tree: its files are copied instead of written again.
+    """
     final = path(out_dir, name)
     tmp, old = final + ".tmp", final + ".old"
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp, tree)
-        ckptr.wait_until_finished()
+    if copy_of is not None:
+        shutil.copytree(path(out_dir, copy_of), tmp)
+    else:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp, tree)
+            ckptr.wait_until_finished()
     if os.path.exists(final):
         os.rename(final, old)
     os.rename(tmp, final)

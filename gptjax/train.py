@@ -251,10 +251,11 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
             bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                       f"{tps:,.0f} tokens/s")
             if step > start:
-                if losses["val"] < float(state.best_val_loss):
+                improved = losses["val"] < float(state.best_val_loss)
+                if improved:
                     state = state._replace(best_val_loss=jnp.asarray(losses["val"], jnp.float32))
                     checkpoint.save(out, "best", state)
-                checkpoint.save(out, "latest", state)
+                checkpoint.save(out, "latest", state, copy_of="best" if improved else None)
             interval_start, interval_steps = time.perf_counter(), 0
         if step == t.max_iters:
             break
