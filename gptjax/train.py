@@ -253,7 +253,9 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
             if step > start:
                 improved = losses["val"] < float(state.best_val_loss)
                 if improved:
-                    state = state._replace(best_val_loss=jnp.asarray(losses["val"], jnp.float32))
+                    # Placed like the old value: an array committed elsewhere would recompile the step.
+                    best = jax.device_put(np.float32(losses["val"]), state.best_val_loss.sharding)
+                    state = state._replace(best_val_loss=best)
                     checkpoint.save(out, "best", state)
                 checkpoint.save(out, "latest", state, copy_of="best" if improved else None)
             interval_start, interval_steps = time.perf_counter(), 0

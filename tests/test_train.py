@@ -201,3 +201,20 @@ def test_exact_eval_covers_every_token():
         ref += float(model.cross_entropy(model.apply(graphdef, params, x), y)) * x.shape[1]
     assert total == pytest.approx(ref, rel=1e-5)
 
+
+
+def test_the_whole_loop_compiles_the_step_once(tiny_config, tmp_path):
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:  # evals at 0, 10, 20, 30 with new best losses in between: the state must keep its shardings
+        train(override(tiny_config, {"out_dir": str(tmp_path / "run"), "max_iters": 30}), progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(handler)
+    for name in ("train_step", "estimate"):
+        compiles = [r[:60] for r in records if f"Compiling jit({name})" in r]
+        assert len(compiles) == 1, compiles
