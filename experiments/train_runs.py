@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     config = opts.pop("config", "shakespeare_char_cpu")
     runs = int(opts.pop("runs", 3))
-    out = opts.pop("out", os.path.join(HERE, "results", f"{config}_cpu_runs.md"))
+    out = opts.pop("out", os.path.join(HERE, "results", f"{config}_runs.md"))
     extra = [f"--{k}={v}" for k, v in opts.items()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

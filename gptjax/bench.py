@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from gptjax import data, model
+from gptjax import data, model, parallel
 from gptjax.config import Config
 from gptjax.train import init_state, make_train_step, setup
 
@@ -20,9 +20,10 @@ def time_train_step(config: Config, steps: int = 20, repeats: int = 5) -> dict:
     A, B = t.gradient_accumulation_steps, t.batch_size
     tokens = prep.tokens("train")
     x, y = data.get_batch(tokens, A * B, T, t.seed, 0)
-    x, y = jax.device_put(x.reshape(A, B, T)), jax.device_put(y.reshape(A, B, T))
-    step_fn = make_train_step(graphdef, tx, t)
-    state = init_state(params, tx)
+    mesh = parallel.data_mesh(B)  # as `train` runs it: the batch split over the devices that divide it
+    x, y = (jax.device_put(a.reshape(A, B, T), parallel.batch_sharding(mesh)) for a in (x, y))
+    step_fn = make_train_step(graphdef, tx, t, mesh)
+    state = jax.device_put(init_state(params, tx), parallel.replicated(mesh))
     key = jax.random.PRNGKey(t.seed)
     tick = time.perf_counter()
     state, metrics = step_fn(state, x, y, key)
@@ -36,7 +37,7 @@ def time_train_step(config: Config, steps: int = 20, repeats: int = 5) -> dict:
         jax.block_until_ready(state)
         runs.append((time.perf_counter() - tick) / steps)
     per_step = statistics.median(runs)
-    return {"device": jax.devices()[0].device_kind, "params": model.num_params(state.params),
+    return {"device": jax.devices()[0].device_kind, "devices": mesh.size, "params": model.num_params(state.params),
             "first_call_s": first, "step_s": per_step, "step_s_runs": runs,
             "tokens_per_sec": A * B * T / per_step, "loss": float(np.asarray(metrics["loss"]))}
 
@@ -44,7 +45,7 @@ def time_train_step(config: Config, steps: int = 20, repeats: int = 5) -> dict:
 def run(config: Config, steps: int = 20, repeats: int = 5) -> dict:
     r = time_train_step(config, steps, repeats)
     m, t = config.model, config.train
-    print(f"device: {r['device']}; {m.model} {m.n_layer}x{m.n_head}x{m.n_embd}, block {m.block_size}, "
+    print(f"device: {r['devices']} x {r['device']}; {m.model} {m.n_layer}x{m.n_head}x{m.n_embd}, block {m.block_size}, "
           f"batch {t.batch_size}x{t.gradient_accumulation_steps}, {r['params'] / 1e6:.2f}M params")
     print(f"first call (compile + 1 step): {r['first_call_s']:.2f} s")
     print(f"train step: {r['step_s'] * 1e3:.1f} ms median of {repeats} runs x {steps} steps "
