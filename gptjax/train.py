@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from gptjax import checkpoint, data, model, parallel
-from gptjax.config import Config, ModelConfig, TrainConfig
+from gptjax.config import Config, TrainConfig
 from gptjax.errors import UserError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
@@ -199,8 +199,6 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     saved = _prepare_out_dir(config, force)
     if saved is not None:  # resume: the run's own model and data; this invocation's training settings
-        if saved.model != dataclasses.replace(config.model, vocab_size=saved.model.vocab_size):
-            print(f"resuming with the saved model config of {config.train.out_dir}")
         config = dataclasses.replace(saved, train=config.train)
     config, prep, graphdef, params, tx = setup(config)
     t, m = config.train, config.model
@@ -334,5 +332,3 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0) -> dict:
     return {"split": split, "tokens": n, "loss": nats / n, "bits_per_char": nats / math.log(2) / chars,
             "chars": chars}
 
-
-__all__ = ["TrainState", "ModelConfig", "train", "evaluate", "load_run", "make_train_step", "make_optimizer"]
