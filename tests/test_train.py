@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import logging
 import math
@@ -98,10 +99,9 @@ def test_loss_falls_when_overfitting_one_batch():
     assert int(state.step) == 100
 
 
-def test_train_step_compiles_once():
-    _, params, tx, step = _setup()
-    state = init_state(params, tx)
-    key = jax.random.PRNGKey(0)
+@contextlib.contextmanager
+def compile_log():
+    """The messages of jax's compile log while the block runs."""
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
@@ -109,13 +109,21 @@ def test_train_step_compiles_once():
     logger.addHandler(handler)
     jax.config.update("jax_log_compiles", True)
     try:
-        for i in range(30):
-            state, m = step(state, *_batch(seed=i), key)
-        jax.block_until_ready(state)
+        yield records
     finally:
         jax.config.update("jax_log_compiles", False)
         logger.removeHandler(handler)
-    compiles = [r for r in records if "train_step" in r and "Compiling" in r]
+
+
+def test_train_step_compiles_once():
+    _, params, tx, step = _setup()
+    state = init_state(params, tx)
+    key = jax.random.PRNGKey(0)
+    with compile_log() as records:
+        for i in range(30):
+            state, m = step(state, *_batch(seed=i), key)
+        jax.block_until_ready(state)
+    compiles = [r for r in records if "Compiling jit(train_step)" in r]
     assert len(compiles) == 1, compiles
     assert step._cache_size() == 1
 
@@ -204,17 +212,8 @@ def test_exact_eval_covers_every_token():
 
 
 def test_the_whole_loop_compiles_the_step_once(tiny_config, tmp_path):
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    jax.config.update("jax_log_compiles", True)
-    try:  # evals at 0, 10, 20, 30 with new best losses in between: the state must keep its shardings
+    with compile_log() as records:  # evals at 0, 10, 20, 30 with new bests between: shardings must stay put
         train(override(tiny_config, {"out_dir": str(tmp_path / "run"), "max_iters": 30}), progress=False)
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(handler)
     for name in ("train_step", "estimate"):
         compiles = [r[:60] for r in records if f"Compiling jit({name})" in r]
         assert len(compiles) == 1, compiles
