@@ -16,6 +16,8 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
            [--temperature=T] [--top_k=K] [--seed=S]
   eval     --out_dir=DIR [--split=val|train] [--batch_size=N]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--steps=N] [--repeats=N]
+  export   --out_dir=DIR --to=nanogpt FILE.pt [--force]
+  import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
 presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
 Config keys use nanoGPT's names (batch_size, block_size, n_layer, learning_rate, ...).
@@ -119,7 +121,53 @@ def cmd_bench(opts, pos):
     bench.run(_config(opts), steps=steps, repeats=repeats)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+def _file_and_format(opts, pos, key: str, command: str) -> str:
+    fmt = _take(opts, key, str, "nanogpt")
+    if fmt != "nanogpt":
+        raise UserError(f"--{key}={fmt}: the only checkpoint format is nanogpt")
+    if len(pos) != 1 or (command == "export" and not pos[0].endswith(".pt")):
+        raise UserError(f"gptjax {command} takes one checkpoint file, FILE.pt (e.g. out/ckpt.pt)")
+    return pos[0]
+
+
+def _torch_convert():
+    try:
+        from gptjax.reference import convert
+    except ImportError:
+        raise UserError("nanoGPT checkpoints need PyTorch: pip install 'gptjax[torch]'") from None
+    return convert
+
+
+def cmd_export(opts, pos):
+    _only(opts, ("out_dir", "to", "force"), "export")
+    path = _file_and_format(opts, pos, "to", "export")
+    force = _take(opts, "force", bool, False)
+    out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
+    r = _torch_convert().export_nanogpt(out_dir, path, force=force)
+    print(f"wrote {r['path']}: {r['tensors']} tensors from {out_dir} (best checkpoint, step {r['iter_num']})"
+          + (f"; vocabulary in {r['meta']}" if r["meta"] else ""))
+
+
+def cmd_import(opts, pos):
+    from gptjax import sample
+
+    _only(opts, ("from", "out_dir", "meta", "force"), "import")
+    path = _file_and_format(opts, pos, "from", "import")
+    if "out_dir" not in opts:
+        raise UserError("gptjax import needs --out_dir=DIR for the new run")
+    out_dir = _take(opts, "out_dir", str, "")
+    config = _torch_convert().import_nanogpt(path, out_dir, _take(opts, "meta", str, None),
+                                             force=_take(opts, "force", bool, False))
+    m = config.model
+    print(f"imported {path} into {out_dir}: {m.n_layer} layers x {m.n_head} heads x {m.n_embd}, block {m.block_size}, "
+          f"vocab {m.vocab_size}, tokenizer {config.data.tokenizer}")
+    print("sample:")
+    print(sample.sample(out_dir, max_new_tokens=200)[0])
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+            "export": cmd_export, "import": cmd_import}
+TAKES_FILE = ("export", "import")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         opts, pos = parse(rest)
-        if pos:
+        if pos and command not in TAKES_FILE:
             raise UserError(f"unexpected argument {pos[0]!r}: options are written --key=value")
         COMMANDS[command](opts, pos)
     except UserError as e:

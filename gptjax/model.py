@@ -66,7 +66,9 @@ class Embedding(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm with an optional bias (PyTorch's has none to switch off), eps 1e-5."""
+    """LayerNorm with an optional bias (PyTorch's has none to switch off), eps 1e-5 as in torch (flax's is 1e-6)."""
+
+    eps = 1e-5
 
     def __init__(self, d: int, bias: bool):
         self.weight = nnx.Param(jnp.ones((d,)))
@@ -75,7 +77,7 @@ class LayerNorm(nnx.Module):
     def __call__(self, x_BTD):
         mean = x_BTD.mean(-1, keepdims=True)
         var = jnp.square(x_BTD - mean).mean(-1, keepdims=True)
-        y = (x_BTD - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...]
+        y = (x_BTD - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...]
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -185,13 +187,29 @@ def cross_entropy(logits_BTV, targets_BT):
     return (lse_BT - picked_BT).mean()
 
 
+def _name(path) -> str:
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join(p for p in parts if p != "value")
+
+
 def param_names(params) -> dict:
     """{"h.0.attn.c_attn.weight": array, ...}: nanoGPT's dotted names (without its "transformer." prefix)."""
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        out[".".join(p for p in parts if p != "value")] = x
-    return out
+    return {_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def params_from_names(like, named: dict):
+    """The inverse of param_names: a pytree shaped like `like` whose leaves are named[name]."""
+    assert set(named) == set(param_names(like)), "named arrays must cover exactly the parameters of `like`"
+    return jax.tree_util.tree_map_with_path(lambda path, _: named[_name(path)], like)
+
+
+def abstract_model(c: ModelConfig) -> nnx.Module:
+    """A model for `c` whose parameters are shapes and dtypes only: nothing is initialised."""
+    return nnx.eval_shape(lambda: create(c, 0))
+
+
+def abstract_params(c: ModelConfig):
+    return split(abstract_model(c))[1]
 
 
 def num_params(params, exclude_wpe: bool = True) -> int:

@@ -169,14 +169,19 @@ def _prepare_out_dir(config: Config, force: bool) -> Config | None:
             raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
         with open(cfg_path) as f:
             return Config.from_dict(json.load(f))
+    claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
+                  "to replace it")
+    return None
+
+
+def claim_out_dir(out: str, force: bool, advice: str) -> None:
+    """Refuse a directory that holds a run, unless force: then its run files are removed."""
     if any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
         if not force:
-            raise UserError(f"{out} already holds a run: continue it with --init_from=resume, pick another "
-                            "--out_dir, or pass --force to replace it")
+            raise UserError(f"{out} already holds a run: {advice}")
         for f in RUN_FILES:
             p = os.path.join(out, f)
             shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
-    return None
 
 
 def setup(config: Config):
@@ -309,6 +314,12 @@ def _plot(metrics_path: str, png: str) -> None:
 
 def load_run(out_dir: str, which: str = "best"):
     """(config, graphdef, params) of a trained run; `which` is best or latest (falls back to latest)."""
+    config, graphdef, state = load_state(out_dir, which)
+    return config, graphdef, state.params
+
+
+def load_state(out_dir: str, which: str = "best"):
+    """(config, graphdef, TrainState) of a trained run, from checkpoint `which` (falls back to latest)."""
     cfg_path = os.path.join(out_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
@@ -317,8 +328,7 @@ def load_run(out_dir: str, which: str = "best"):
     graphdef, params = model.split(model.create(config.model, config.train.seed))
     tx = make_optimizer(config.train, params)
     name = which if checkpoint.exists(out_dir, which) else "latest"
-    state = checkpoint.restore(out_dir, name, init_state(params, tx))
-    return config, graphdef, state.params
+    return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
 
 
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0) -> dict:

@@ -1,0 +1,237 @@
+"""Weights between gptjax and PyTorch: nanoGPT's state-dict names and layout, and nanoGPT's ckpt.pt files."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from gptjax import checkpoint, model, tokenizers, train
+from gptjax.config import Config, DataConfig, ModelConfig, TrainConfig, field_types
+from gptjax.errors import UserError
+
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
+GPT2_VOCAB = 50257
+
+
+def layout(c: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(PyTorch key, gptjax name, transposed) for every tensor of the twin's state dict, in its order.
+
+    Linear weights are [in, out] in gptjax and [out, in] in PyTorch; a tied lm_head.weight is wte.weight.
+    """
+    if c.model == "bigram":
+        return [("token_embedding_table.weight", "token_embedding_table.weight", False)]
+    rows = [("transformer.wte.weight", "wte.weight", False), ("transformer.wpe.weight", "wpe.weight", False)]
+
+    def add(prefix: str, transposed: bool):
+        rows.append((f"transformer.{prefix}.weight", f"{prefix}.weight", transposed))
+        if c.bias:
+            rows.append((f"transformer.{prefix}.bias", f"{prefix}.bias", False))
+
+    for i in range(c.n_layer):
+        for sub, is_linear in (("ln_1", False), ("attn.c_attn", True), ("attn.c_proj", True), ("ln_2", False),
+                               ("mlp.c_fc", True), ("mlp.c_proj", True)):
+            add(f"h.{i}.{sub}", is_linear)
+    add("ln_f", False)
+    head = ("wte.weight", False) if c.tie_weights else ("lm_head.weight", True)
+    rows.append(("lm_head.weight", *head))
+    return rows
+
+
+def to_torch_state_dict(params, c: ModelConfig) -> dict[str, torch.Tensor]:
+    """nanoGPT-named float32 tensors (a tied lm_head.weight is the same tensor as transformer.wte.weight).
+
+    Works for any pytree shaped like the parameters, e.g. their gradients.
+    """
+    named = {k: np.asarray(v) for k, v in model.param_names(params).items()}
+    rows = layout(c)
+    assert {name for _, name, _ in rows} == set(named), "params do not match the config's layout"
+    by_name: dict[str, torch.Tensor] = {}
+    sd = {}
+    for key, name, transposed in rows:
+        if not transposed and name in by_name:  # tied head: share the tensor, as nanoGPT's state_dict does
+            sd[key] = by_name[name]
+            continue
+        x = named[name].T if transposed else named[name]
+        sd[key] = torch.from_numpy(np.array(x, dtype=np.float32, order="C"))  # a writable copy
+        if not transposed:
+            by_name[name] = sd[key]
+    return sd
+
+
+def from_torch_state_dict(sd: dict, c: ModelConfig):
+    """gptjax parameters from a nanoGPT-named state dict; missing, unexpected or misshapen tensors are errors."""
+    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # what torch.compile'd models save
+    # Older nanoGPT saves its causal masks as buffers named h.N.attn.bias, [1, 1, block, block].
+    sd = {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") and getattr(v, "ndim", 0) == 4)}
+    rows = layout(c)
+    expected = {key for key, _, _ in rows}
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        what = "; ".join(f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                         for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise UserError(f"the state dict does not fit this model ({what}); check bias, n_layer and tie_weights")
+    like = model.param_names(model.abstract_params(c))
+    named = {}
+    for key, name, transposed in rows:
+        if not isinstance(sd[key], torch.Tensor):
+            raise UserError(f"{key} is a {type(sd[key]).__name__}, not a tensor")
+        x = sd[key].detach().cpu().to(torch.float32).numpy()
+        x = x.T if transposed else x
+        if x.shape != like[name].shape:
+            raise UserError(f"{key} has shape {tuple(sd[key].shape)}; this model needs "
+                            f"{tuple(like[name].shape[::-1] if transposed else like[name].shape)}")
+        if name in named:  # the tied head must really be the embedding
+            if not np.array_equal(named[name], x):
+                raise UserError("lm_head.weight differs from transformer.wte.weight: the weights are not tied")
+            continue
+        named[name] = np.ascontiguousarray(x)
+    return model.params_from_names(model.abstract_params(c), {k: jnp.asarray(v) for k, v in named.items()})
+
+
+def _flat_config(config: Config) -> dict:
+    """nanoGPT's checkpoint 'config': every setting under its flat name."""
+    return {k: v for section in config.to_dict().values() for k, v in section.items()}
+
+
+def export_nanogpt(out_dir: str, path: str, force: bool = False) -> dict:
+    """Write a run's best checkpoint as nanoGPT's ckpt.pt (model, model_args, iter_num, best_val_loss, config).
+
+    A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
+    """
+    config, _, state = train.load_state(out_dir)
+    c = config.model
+    if c.model != "gpt":
+        raise UserError(f"{out_dir} holds a {c.model} model; nanoGPT checkpoints hold its GPT only")
+    if not c.tie_weights:
+        raise UserError(f"{out_dir} has an untied LM head (tie_weights=False); nanoGPT's GPT always ties it to wte")
+    tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
+    meta = None
+    if isinstance(tok, tokenizers.CharTokenizer):
+        meta = {"vocab_size": tok.vocab_size, "itos": dict(enumerate(tok.chars)),
+                "stoi": {ch: i for i, ch in enumerate(tok.chars)}}
+    if not force:
+        if os.path.exists(path):
+            raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
+        if meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
+            raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
+    ckpt = {
+        "model": to_torch_state_dict(state.params, c),
+        "model_args": {k: getattr(c, k) for k in MODEL_ARGS},
+        "iter_num": int(state.step),
+        "best_val_loss": float(state.best_val_loss),
+        "config": _flat_config(config),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    if meta is not None:
+        _atomic_write(meta_path, lambda f: pickle.dump(meta, f))
+    return {"path": path, "meta": meta_path if meta is not None else None, "iter_num": ckpt["iter_num"],
+            "tensors": len(ckpt["model"])}
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+class _DataOnly(pickle.Unpickler):
+    """meta.pkl holds dicts of ints and strings: refuse anything that would import code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            meta = _DataOnly(io.BytesIO(f.read())).load()
+        itos = meta["itos"]
+        chars = "".join(itos[i] for i in range(meta["vocab_size"]))
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a nanoGPT meta.pkl (vocab_size, itos, stoi): {e}") from None
+    if len(chars) != meta["vocab_size"]:
+        raise UserError(f"{path}: itos entries must be single characters")
+    return meta
+
+
+def load_nanogpt(path: str) -> dict:
+    """A nanoGPT ckpt.pt, loaded with weights_only=True and checked for 'model' and 'model_args'."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the file
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        reason = (f"it pickles {found.group(1)}, which weights_only loading refuses to import" if found
+                  else "not a file written by torch.save")
+        raise UserError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {reason}") from None
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args"))):
+        raise UserError(f"{path} is not a nanoGPT checkpoint: expected a dict with 'model' (a state dict) and "
+                        "'model_args', as nanoGPT's train.py saves in ckpt.pt")
+    missing = [k for k in MODEL_ARGS if k not in ckpt["model_args"]]
+    if missing:
+        raise UserError(f"{path}: model_args lacks {', '.join(missing)}")
+    return ckpt
+
+
+def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force: bool = False) -> Config:
+    """Make a gptjax run directory (config, tokenizer, best/latest checkpoints) from a nanoGPT ckpt.pt.
+
+    The weights come over exactly; the optimizer starts fresh at step 0. The tokenizer is meta_path, else
+    meta.pkl beside the checkpoint, else GPT-2's when the vocabulary is GPT-2's (as nanoGPT's sample.py does).
+    """
+    ckpt = load_nanogpt(path)
+    args, sd = ckpt["model_args"], ckpt["model"]
+    wte, head = sd.get("transformer.wte.weight"), sd.get("lm_head.weight")
+    tied = head is None or (isinstance(wte, torch.Tensor) and isinstance(head, torch.Tensor)
+                            and wte.shape == head.shape and torch.equal(wte, head))
+    try:
+        typed = {k: type(getattr(ModelConfig, k))(args[k]) for k in MODEL_ARGS}
+        c = ModelConfig(model="gpt", tie_weights=tied, **typed)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: model_args {args} are not nanoGPT's GPTConfig values") from None
+    if min(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) < 1 or c.n_embd % c.n_head:
+        raise UserError(f"{path}: model_args {args} do not describe a GPT")
+    if head is None:
+        sd = dict(sd, **{"lm_head.weight": wte})
+    params = from_torch_state_dict(sd, c)
+
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    local_meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
+    if meta_path is not None or os.path.exists(local_meta):
+        meta = _read_meta(meta_path or local_meta)
+        tok = tokenizers.CharTokenizer("".join(meta["itos"][i] for i in range(meta["vocab_size"])))
+    elif c.vocab_size >= GPT2_VOCAB:
+        tok = tokenizers.gpt2()
+    else:
+        raise UserError(f"{path} has a {c.vocab_size}-token vocabulary and no meta.pkl beside it: pass "
+                        "--meta=PATH/meta.pkl (nanoGPT's data/<dataset>/meta.pkl)")
+    if tok.vocab_size > c.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {c.vocab_size}")
+
+    types = field_types()
+    carried = {k: v for k, v in saved.items() if types.get(k, (None,))[0] == "train" and type(v) is types[k][1]
+               and k not in ("out_dir", "init_from")}
+    dataset = saved.get("dataset") if isinstance(saved.get("dataset"), str) else "shakespeare_char"
+    config = Config(model=c, data=DataConfig(dataset=dataset, tokenizer=tok.name),
+                    train=dataclasses.replace(TrainConfig(**carried), out_dir=out_dir, init_from="scratch"))
+    train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
+    state = train.init_state(params, train.make_optimizer(config.train, params))
+    checkpoint.save(out_dir, "best", state)
+    checkpoint.save(out_dir, "latest", state, copy_of="best")
+    return config

@@ -1,0 +1,175 @@
+"""A GPT with nanoGPT's structure, parameter names, initialisation, optimizer groups and schedule, in PyTorch.
+
+Written against gptjax's ModelConfig / TrainConfig so one config builds both twins; `tie_weights=False`
+(which nanoGPT lacks) gives the LM head its own matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptjax.config import ModelConfig, TrainConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (eps 1e-5)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.attn_dropout = nn.Dropout(c.dropout)
+        self.resid_dropout = nn.Dropout(c.dropout)
+        self.n_head, self.n_embd = c.n_head, c.n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        y = (self.attn_dropout(att) @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = MLP(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        assert c.vocab_size > 0 and c.n_embd % c.n_head == 0
+        self.config = c
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            wpe=nn.Embedding(c.block_size, c.n_embd),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            ln_f=LayerNorm(c.n_embd, bias=c.bias),
+        ))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_weights:
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        """(logits for every position, mean cross-entropy or None)."""
+        T = idx.size(1)
+        assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            probs = next_token_probs(logits[:, -1, :], temperature, top_k)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
+        return idx
+
+
+def next_token_probs(logits, temperature: float, top_k: int | None):
+    """nanoGPT's sampling distribution: logits / temperature, all but the top_k set to -inf, softmax."""
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def configure_optimizers(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """nanoGPT's groups: weight decay on every >= 2-D parameter (matrices and embeddings), none on the rest."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied matrix once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
+
+
+def get_lr(it: int, t: TrainConfig) -> float:
+    """nanoGPT's schedule: linear warmup from lr/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
+    if not t.decay_lr:
+        return t.learning_rate
+    if it < t.warmup_iters:
+        return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
+    if it > t.lr_decay_iters:
+        return t.min_lr
+    ratio = (it - t.warmup_iters) / (t.lr_decay_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_ABT, y_ABT, it: int, t: TrainConfig) -> float:
+    """One optimizer step as nanoGPT's loop takes it: set the lr, accumulate A micro-batches, clip, step.
+
+    Returns the mean micro-batch loss.
+    """
+    lr = get_lr(it, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    A = x_ABT.shape[0]
+    total = 0.0
+    for a in range(A):
+        _, loss = model(x_ABT[a], y_ABT[a])
+        (loss / A).backward()
+        total += loss.item()
+    if t.grad_clip != 0.0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / A

@@ -1,0 +1,155 @@
+"""Run gptjax and its PyTorch twin on the same weights and batches and measure how far apart they land."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from gptjax import data, model, sample, train
+from gptjax.config import Config, ModelConfig
+from gptjax.reference import convert
+from gptjax.reference.bigram import BigramLanguageModel
+from gptjax.reference.nanogpt import GPT, configure_optimizers, next_token_probs
+from gptjax.reference.nanogpt import train_step as torch_train_step
+
+
+def twin(c: ModelConfig) -> torch.nn.Module:
+    return BigramLanguageModel(c.vocab_size) if c.model == "bigram" else GPT(c)
+
+
+def load_twin(params, c: ModelConfig, twin_config: ModelConfig | None = None) -> torch.nn.Module:
+    """The PyTorch twin holding `params`. A different twin_config loads leniently (only the keys both have),
+    the way a port that silently disagrees on a default would."""
+    m = twin(twin_config or c)
+    m.load_state_dict(convert.to_torch_state_dict(params, c), strict=twin_config is None)
+    return m
+
+
+def random_params(c: ModelConfig, seed: int, scale: float = 0.1):
+    """Parameters drawn around their init (gains 1 + noise, the rest N(0, scale^2)), so no LayerNorm gain is 1 and
+    no bias 0 as after training; drawn with numpy, which is much quicker than initialising the module."""
+    rng = np.random.default_rng(seed)
+    named = {}
+    for name, x in model.param_names(model.abstract_params(c)).items():
+        base = 1.0 if name.endswith("weight") and len(x.shape) == 1 else 0.0  # LayerNorm gains
+        named[name] = jnp.asarray(base + scale * rng.standard_normal(x.shape), jnp.float32)
+    return model.params_from_names(model.abstract_params(c), named)
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.int64))
+
+
+def grad_error(g_jax: torch.Tensor, g_torch: torch.Tensor) -> float:
+    """Max |a - b| / max(1, |b|): absolute for small values, relative for large ones."""
+    return float(((g_jax - g_torch).abs() / g_torch.abs().clamp(min=1.0)).max())
+
+
+def forward_backward(c: ModelConfig, params, x_BT, y_BT, twin_config: ModelConfig | None = None) -> dict:
+    """Logits, loss and every parameter's gradient of both frameworks; the largest differences."""
+    graphdef = model.split(model.abstract_model(c))[0]
+
+    def loss_and_logits(p, x, y):
+        logits = model.apply(graphdef, p, x)
+        return model.cross_entropy(logits, y), logits
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))
+    (loss, logits), grads = grad_fn(params, jnp.asarray(x_BT, jnp.int32), jnp.asarray(y_BT, jnp.int32))
+    tm = load_twin(params, c, twin_config)
+    t_logits, t_loss = tm(_t(x_BT), _t(y_BT))
+    t_loss.backward()
+    g_jax = convert.to_torch_state_dict(grads, c)
+    errors = {name: grad_error(g_jax[name], p.grad) for name, p in tm.named_parameters() if name in g_jax}
+    worst = max(errors, key=errors.get)
+    return {"logits": float((torch.from_numpy(np.array(logits)) - t_logits.detach()).abs().max()),
+            "loss": abs(float(loss) - t_loss.item()), "grad": errors[worst], "grad_worst": worst,
+            "params": len(errors)}
+
+
+def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConfig | None = None,
+               torch_optimizer=None, eval_tokens=None, eval_batches: int = 0) -> dict:
+    """`steps` optimizer steps in both frameworks from the same initial weights on the same batches.
+
+    gptjax runs its own jitted train step (train.make_train_step), the twin runs nanoGPT's loop
+    (reference.nanogpt.train_step). tx / jax_model / torch_optimizer swap in a different optimizer or model
+    on one side, to show what a silent difference does. Returns both loss curves and the final differences.
+    """
+    c, t = config.model, config.train
+    assert c.dropout == 0.0, "parity runs without dropout: the two frameworks draw different masks"
+    jc = jax_model or c
+    graphdef, params = model.split(model.create(jc, t.seed))
+    tm = load_twin(params, jc, None if jax_model is None else c)
+    opt = (torch_optimizer or (lambda m: configure_optimizers(m, t)))(tm)
+    tx = tx or train.make_optimizer(t, params)
+    step_fn = train.make_train_step(graphdef, tx, t)
+    state = train.init_state(params, tx)
+    key = jax.random.PRNGKey(t.seed)
+    A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
+    loss_jax, loss_torch, clipped = [], [], 0
+    for it in range(steps):
+        x, y = data.get_batch(tokens, A * B, T, t.seed, it)
+        x, y = x.reshape(A, B, T), y.reshape(A, B, T)
+        state, metrics = step_fn(state, x, y, key)
+        loss_torch.append(torch_train_step(tm, opt, _t(x), _t(y), it, t))
+        loss_jax.append(float(metrics["loss"]))
+        clipped += bool(t.grad_clip and float(metrics["grad_norm"]) > t.grad_clip)
+    final = convert.to_torch_state_dict(state.params, jc)
+    param_diffs = {k: float((final[k] - p.detach()).abs().max()) for k, p in tm.state_dict().items() if k in final}
+    worst = max(param_diffs, key=param_diffs.get)
+    out = {"loss_jax": loss_jax, "loss_torch": loss_torch, "clipped_steps": clipped,
+           "loss": float(np.max(np.abs(np.subtract(loss_jax, loss_torch)))), "params": param_diffs[worst],
+           "params_worst": worst}
+    if eval_batches:
+        x, y = data.get_batch(eval_tokens, eval_batches * B, T, t.seed, 0, stream=2)
+        est = train.make_estimate_loss(graphdef)
+        out["eval_jax"] = float(est(state.params, x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T)))
+        with torch.no_grad():
+            out["eval_torch"] = float(np.mean([tm(_t(xb), _t(yb))[1].item() for xb, yb in
+                                               zip(x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T))]))
+    return out
+
+
+def jax_floor(config: Config, tokens, steps: int) -> dict:
+    """gptjax against itself with every initial weight moved by one ulp: how far rounding alone carries a run.
+
+    Parity between frameworks cannot be tighter than this; where it is large the training is chaotic.
+    """
+    c, t = config.model, config.train
+    graphdef, params = model.split(model.create(c, t.seed))
+    A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
+    runs = []
+    for p in (params, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)):
+        tx = train.make_optimizer(t, p)
+        step_fn, state, losses = train.make_train_step(graphdef, tx, t), train.init_state(p, tx), []
+        for it in range(steps):
+            x, y = data.get_batch(tokens, A * B, T, t.seed, it)
+            state, metrics = step_fn(state, x.reshape(A, B, T), y.reshape(A, B, T), jax.random.PRNGKey(t.seed))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, state.params))
+    (l0, p0), (l1, p1) = runs
+    return {"loss": float(np.max(np.abs(np.subtract(l0, l1)))),
+            "params": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))}
+
+
+def seeds_bigram(config: Config, tokens, val_tokens, steps: int = 10000) -> dict:
+    """The seeds' bigram experiment in both frameworks: torch.optim.AdamW(m.parameters(), lr) as the seeds call it."""
+    assert config.model.model == "bigram"
+    return train_both(config, tokens, steps, eval_tokens=val_tokens, eval_batches=config.train.eval_iters,
+                      torch_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=config.train.learning_rate))
+
+
+def sampling(logits_NV: np.ndarray, temperature: float, top_k: int | None) -> float:
+    """Max difference of the next-token distributions: gptjax's filter_logits vs nanoGPT's, both softmaxed."""
+    p_jax = jax.nn.softmax(sample.filter_logits(jnp.asarray(logits_NV), temperature, top_k), axis=-1)
+    p_torch = next_token_probs(torch.from_numpy(np.asarray(logits_NV, np.float32)), temperature, top_k)
+    return float(np.max(np.abs(np.asarray(p_jax) - p_torch.numpy())))
+
+
+def parity_config(config: Config, **train_overrides) -> Config:
+    """config without dropout, with train settings replaced (e.g. a short schedule for a 100-step run)."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0),
+                               train=dataclasses.replace(config.train, **train_overrides))

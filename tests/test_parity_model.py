@@ -1,0 +1,169 @@
+"""Parity of the models: gptjax and its PyTorch twin give the same logits, loss, gradients and sampling
+distributions; the weight conversion is exact; and the checks catch the silent differences of JAX ports."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptjax import model, sample
+from gptjax.config import ModelConfig
+from gptjax.errors import UserError
+from gptjax.reference import convert, parity
+from gptjax.reference.nanogpt import next_token_probs
+
+TOL = 1e-5
+
+
+@st.composite
+def gpt_cases(draw):
+    n_head = draw(st.integers(1, 4))
+    block = draw(st.integers(1, 16))
+    c = ModelConfig(vocab_size=draw(st.integers(2, 40)), block_size=block, n_layer=draw(st.integers(1, 3)),
+                    n_head=n_head, n_embd=n_head * draw(st.integers(1, 8)), bias=draw(st.booleans()),
+                    tie_weights=draw(st.booleans()))
+    B, T = draw(st.integers(1, 3)), draw(st.integers(1, block))
+    return c, B, T, draw(st.integers(0, 2**16))
+
+
+def _tokens(c: ModelConfig, B: int, T: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, c.vocab_size, (B, T)), rng.integers(0, c.vocab_size, (B, T))
+
+
+def _weights(c: ModelConfig, seed: int):
+    return parity.random_params(c, seed)
+
+
+def _assert_parity(r: dict):
+    assert r["logits"] <= TOL and r["loss"] <= TOL, r
+    assert r["grad"] <= TOL, r
+
+
+@settings(max_examples=20, deadline=None)
+@given(gpt_cases())
+def test_gpt_forward_and_backward_match_the_twin(case):
+    c, B, T, seed = case
+    x, y = _tokens(c, B, T, seed)
+    r = parity.forward_backward(c, _weights(c, seed), x, y)
+    _assert_parity(r)
+    assert r["params"] == len(list(parity.twin(c).parameters()))  # every parameter's gradient was compared
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(2, 80), st.integers(1, 4), st.integers(1, 12), st.integers(0, 2**16))
+def test_bigram_forward_and_backward_match_the_twin(vocab, B, T, seed):
+    c = ModelConfig(model="bigram", vocab_size=vocab, block_size=T)
+    x, y = _tokens(c, B, T, seed)
+    _assert_parity(parity.forward_backward(c, _weights(c, seed), x, y))
+
+
+def test_twin_initialisation_matches_nanogpt_statistics():
+    """Both frameworks draw N(0, 0.02), c_proj N(0, 0.02/sqrt(2L)), zero biases, unit LayerNorm gains."""
+    c = ModelConfig(vocab_size=500, block_size=64, n_layer=3, n_head=4, n_embd=128, bias=True)
+    jax_sd = convert.to_torch_state_dict(model.split(model.create(c, 0))[1], c)
+    torch_sd = parity.twin(c).state_dict()
+    assert list(jax_sd) == list(torch_sd)
+    for k in torch_sd:
+        a, b = jax_sd[k], torch_sd[k]
+        assert a.shape == b.shape, k
+        if k.endswith("c_proj.weight"):
+            assert a.std().item() == pytest.approx(0.02 / (2 * 3) ** 0.5, rel=0.05), k
+        assert a.std().item() == pytest.approx(b.std().item(), rel=0.05, abs=1e-6), k
+        assert a.mean().item() == pytest.approx(b.mean().item(), abs=2e-3), k
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tie", [True, False])
+def test_state_dict_has_nanogpt_names_layout_and_round_trips_exactly(bias, tie):
+    c = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=bias, tie_weights=tie)
+    params = _weights(c, 0)
+    sd = convert.to_torch_state_dict(params, c)
+    twin_sd = parity.twin(c).state_dict()
+    assert list(sd) == list(twin_sd) and all(sd[k].shape == twin_sd[k].shape for k in sd)
+    assert "transformer.h.1.attn.c_attn.weight" in sd and "lm_head.weight" in sd
+    named = model.param_names(params)
+    np.testing.assert_array_equal(sd["transformer.h.0.mlp.c_fc.weight"].numpy(),
+                                  np.asarray(named["h.0.mlp.c_fc.weight"]).T)
+    assert (sd["lm_head.weight"] is sd["transformer.wte.weight"]) == tie  # tied: one tensor, as nanoGPT saves it
+    back = convert.from_torch_state_dict(sd, c)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_state_dict_from_torch_compile_and_old_mask_buffers_loads():
+    c = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    sd = {"_orig_mod." + k: v for k, v in parity.twin(c).state_dict().items()}
+    sd["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 8, 8).tril()  # pre-flash nanoGPT's mask buffer
+    params = convert.from_torch_state_dict(sd, c)
+    np.testing.assert_array_equal(np.asarray(model.param_names(params)["h.1.ln_2.weight"]),
+                                  sd["_orig_mod.transformer.h.1.ln_2.weight"].numpy())
+
+
+def test_state_dict_that_does_not_fit_is_a_clear_error():
+    c = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    with pytest.raises(UserError, match="missing transformer.h.0.attn.c_attn.bias"):
+        convert.from_torch_state_dict(parity.twin(c).state_dict(), dataclasses.replace(c, bias=True))
+    with pytest.raises(UserError, match="unexpected transformer.h.2"):
+        convert.from_torch_state_dict(parity.twin(dataclasses.replace(c, n_layer=3)).state_dict(), c)
+    with pytest.raises(UserError, match="shape"):
+        convert.from_torch_state_dict(parity.twin(dataclasses.replace(c, block_size=9)).state_dict(), c)
+    with pytest.raises(UserError, match="not tied"):
+        convert.from_torch_state_dict(parity.twin(dataclasses.replace(c, tie_weights=False)).state_dict(), c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 300), st.floats(0.05, 3.0), st.one_of(st.none(), st.integers(1, 400)),
+       st.floats(0.1, 20.0), st.integers(0, 2**16))
+def test_sampling_distributions_match_nanogpt(N, V, temperature, top_k, scale, seed):
+    logits = (np.random.default_rng(seed).standard_normal((N, V)) * scale).astype(np.float32)
+    assert parity.sampling(logits, temperature, top_k) <= 1e-6
+
+
+def test_sampling_check_catches_an_off_by_one_top_k():
+    logits = np.random.default_rng(0).standard_normal((2, 50)).astype(np.float32)
+    assert parity.sampling(logits, 1.0, 10) <= 1e-6
+    p_jax = jax.nn.softmax(sample.filter_logits(jnp.asarray(logits), 1.0, 11), axis=-1)  # keeps k + 1 tokens
+    p_torch = next_token_probs(torch.from_numpy(logits), 1.0, 10)
+    assert np.abs(np.asarray(p_jax) - p_torch.numpy()).max() > 1e-6
+
+
+# A silent difference flipped on the JAX side must make the parity checks fail.
+
+def _case():
+    c = ModelConfig(vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    return c, *_tokens(c, 2, 8, 0)
+
+
+def test_bias_default_disagreement_is_detected():
+    """flax and torch Linear/LayerNorm default to biases, nanoGPT's train.py to none: a port that keeps them."""
+    c, x, y = _case()
+    port = dataclasses.replace(c, bias=True)
+    r = parity.forward_backward(port, _weights(port, 0), x, y, twin_config=c)
+    assert r["logits"] > TOL
+
+
+def test_layernorm_eps_disagreement_is_detected(monkeypatch):
+    """flax's LayerNorm eps is 1e-6, torch's 1e-5."""
+    c, x, y = _case()
+    params = _weights(c, 0)
+    _assert_parity(parity.forward_backward(c, params, x, y))
+    monkeypatch.setattr(model.LayerNorm, "eps", 1e-6)
+    r = parity.forward_backward(c, params, x, y)
+    assert r["logits"] > TOL and r["grad"] > TOL
+
+
+def test_tanh_gelu_disagreement_is_detected(monkeypatch):
+    """jax.nn.gelu defaults to the tanh approximation, nn.GELU() to the exact erf."""
+    c, x, y = _case()
+    params = _weights(c, 0)
+    gelu = jax.nn.gelu
+    monkeypatch.setattr(jax.nn, "gelu", lambda h, approximate=False: gelu(h, approximate=True))
+    r = parity.forward_backward(c, params, x, y)
+    assert r["logits"] > TOL and r["grad"] > TOL
