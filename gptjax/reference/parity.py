@@ -138,7 +138,8 @@ def jax_floor(config: Config, tokens, steps: int) -> dict:
 def seeds_bigram(config: Config, tokens, val_tokens, steps: int = 10000) -> dict:
     """The seeds' bigram experiment in both frameworks: torch.optim.AdamW(m.parameters(), lr) as the seeds call it."""
     assert config.model.model == "bigram"
-    return train_both(config, tokens, steps, eval_tokens=val_tokens, eval_batches=config.train.eval_iters,
+    return train_both(config, tokens, steps, eval_tokens=val_tokens,
+                      eval_batches=config.train.eval_iters if val_tokens is not None else 0,
                       torch_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=config.train.learning_rate))
 
 
