@@ -22,9 +22,13 @@ def filter_logits(logits_NV, temperature, top_k: int | None):
     return logits_NV
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, params, prompt_NP, key, temperature):
-    """prompt [N, P] -> tokens [N, P + max_new_tokens]; the model sees at most the last block_size tokens."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("n_tokens",))
+def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, params, prompt_NP, key, temperature,
+             n_tokens: int | None = None):
+    """prompt [N, P] -> tokens [N, P + max_new_tokens]; the model sees at most the last block_size tokens.
+
+    n_tokens limits sampling to the tokenizer's ids when the model's vocabulary is padded (nanoGPT's 50304).
+    """
     N, P = prompt_NP.shape
     L = P + max_new_tokens
     buf_NL = jnp.zeros((N, max(L, block_size)), jnp.int32).at[:, :P].set(prompt_NP)
@@ -35,7 +39,7 @@ def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, 
         # A fixed-size window: while cur < block_size it runs past cur into zeros that causality ignores.
         window_NW = jax.lax.dynamic_slice(buf_NL, (0, start), (N, block_size))
         logits_NWV = model.apply(graphdef, params, window_NW)
-        logits_NV = jax.lax.dynamic_index_in_dim(logits_NWV, cur - 1 - start, axis=1, keepdims=False)
+        logits_NV = jax.lax.dynamic_index_in_dim(logits_NWV, cur - 1 - start, axis=1, keepdims=False)[:, :n_tokens]
         nxt_N = jax.random.categorical(jax.random.fold_in(key, i), filter_logits(logits_NV, temperature, top_k))
         return jax.lax.dynamic_update_slice(buf_NL, nxt_N[:, None].astype(jnp.int32), (0, cur))
 
@@ -68,5 +72,5 @@ def sample(out_dir: str, start: str = "\n", num_samples: int = 1, max_new_tokens
         raise UserError(f"--start={start!r} encodes to no tokens")
     prompt_NP = np.tile(prompt, (num_samples, 1))
     out = generate(graphdef, config.model.block_size, max_new_tokens, top_k, params, prompt_NP,
-                   jax.random.PRNGKey(seed), jnp.float32(temperature))
+                   jax.random.PRNGKey(seed), jnp.float32(temperature), n_tokens=tok.vocab_size)
     return [tok.decode(row.tolist()) for row in np.asarray(out)]

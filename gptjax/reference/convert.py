@@ -192,7 +192,8 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     meta.pkl beside the checkpoint, else GPT-2's when the vocabulary is GPT-2's (as nanoGPT's sample.py does).
     """
     ckpt = load_nanogpt(path)
-    args, sd = ckpt["model_args"], ckpt["model"]
+    args = ckpt["model_args"]
+    sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # what torch.compile'd models save
     wte, head = sd.get("transformer.wte.weight"), sd.get("lm_head.weight")
     tied = head is None or (isinstance(wte, torch.Tensor) and isinstance(head, torch.Tensor)
                             and wte.shape == head.shape and torch.equal(wte, head))

@@ -1,0 +1,144 @@
+"""nanoGPT checkpoints: a trained run exported with `gptjax export` computes the same logits in the PyTorch twin,
+loads the way nanoGPT's sample.py loads it, and comes back through `gptjax import` bit for bit."""
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from gptjax import cli, data, model, train
+from gptjax.config import ModelConfig
+from gptjax.reference import parity
+from gptjax.reference.nanogpt import GPT
+
+
+@pytest.fixture(scope="module")
+def exported(shakespeare, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run, ckpt = str(root / "run"), str(root / "nano" / "ckpt.pt")
+    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run, ckpt
+
+
+def _nanogpt_sample_py_load(path):
+    """What nanoGPT's sample.py does with a ckpt.pt (weights_only=True, as torch >= 2.6 loads by default)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    gptconf = ModelConfig(**checkpoint["model_args"])  # nanoGPT: GPTConfig(**checkpoint['model_args'])
+    state_dict = checkpoint["model"]
+    for k in list(state_dict):
+        if k.startswith("_orig_mod."):
+            state_dict[k[len("_orig_mod."):]] = state_dict.pop(k)
+    m = GPT(gptconf)
+    m.load_state_dict(state_dict)
+    return checkpoint, m.eval()
+
+
+def test_exported_run_gives_the_same_logits_in_the_twin(exported, shakespeare):
+    run, ckpt = exported
+    checkpoint, twin = _nanogpt_sample_py_load(ckpt)
+    assert set(checkpoint) >= {"model", "model_args", "iter_num", "best_val_loss", "config"}
+    assert checkpoint["config"]["dataset"] == "shakespeare_char" and checkpoint["iter_num"] == 30
+    config, graphdef, params = train.load_run(run)
+    val = data.prepare(config.data).tokens("val")
+    x, _ = data.get_batch(val, 8, config.model.block_size, 0, 0)
+    logits = np.asarray(model.apply(graphdef, params, x))
+    with torch.no_grad():
+        t_logits = twin(torch.from_numpy(x.astype(np.int64)))[0].numpy()
+    assert np.abs(logits - t_logits).max() <= 1e-5
+    with open(os.path.join(os.path.dirname(ckpt), "meta.pkl"), "rb") as f:  # nanoGPT's char vocabulary file
+        meta = pickle.load(f)
+    assert meta["vocab_size"] == 65 and meta["itos"][0] == "\n" and meta["stoi"]["a"] == 39
+
+
+def test_export_then_import_is_bit_exact(exported, tmp_path):
+    run, ckpt = exported
+    imported = str(tmp_path / "imported")
+    r = run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "sample:" in r.stdout
+    _, _, a = train.load_run(run)
+    config, _, b = train.load_run(imported)
+    assert config.model == train.load_run(run)[0].model
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    args = ("--start=ROMEO:", "--max_new_tokens=60", "--seed=7")
+    s1, s2 = run_cli("sample", f"--out_dir={run}", *args), run_cli("sample", f"--out_dir={imported}", *args)
+    assert s1.returncode == 0 and s1.stdout == s2.stdout
+
+
+def test_import_a_checkpoint_made_by_pytorch(tmp_path):
+    """A twin trained nowhere but in PyTorch, saved as torch.compile'd nanoGPT saves it, with GPT-2's vocabulary."""
+    c = ModelConfig(vocab_size=50304, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=True)
+    twin = parity.twin(c)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model": {"_orig_mod." + k: v for k, v in twin.state_dict().items()},
+                "model_args": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
+                                                          "vocab_size", "dropout")},
+                "iter_num": 5, "best_val_loss": torch.tensor(3.0), "config": {"dataset": "openwebtext",
+                                                                              "batch_size": 12}}, path)
+    out = str(tmp_path / "run")
+    r = run_cli("import", "--from=nanogpt", path, f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tokenizer gpt2" in r.stdout
+    config, graphdef, params = train.load_run(out)
+    assert config.model.bias and config.model.tie_weights and config.train.batch_size == 12
+    x = np.random.default_rng(0).integers(0, 50304, (2, 16))
+    with torch.no_grad():
+        t_logits = twin(torch.from_numpy(x))[0].numpy()
+    assert np.abs(np.asarray(model.apply(graphdef, params, x)) - t_logits).max() <= 1e-5
+
+
+@pytest.fixture
+def fails(capsys):
+    def run(*args):
+        code = cli.main(list(args))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("gptjax: error:") and "\n" not in err, err
+        return err
+
+    return run
+
+
+def test_bad_exports_and_imports_are_clear_errors_that_keep_what_exists(exported, tmp_path, fails):
+    run, ckpt = exported
+    before = open(ckpt, "rb").read()
+    assert "exists" in fails("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
+    assert open(ckpt, "rb").read() == before
+    assert "only checkpoint format" in fails("export", f"--out_dir={run}", "--to=hf", str(tmp_path / "x.pt"))
+    assert "FILE.pt" in fails("export", f"--out_dir={run}", "--to=nanogpt")
+
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    out = tmp_path / "new"
+    assert "weights_only" in fails("import", "--from=nanogpt", str(junk), f"--out_dir={out}")
+    torch.save({"weights": torch.zeros(3)}, str(tmp_path / "other.pt"))
+    assert "not a nanoGPT checkpoint" in fails("import", "--from=nanogpt", str(tmp_path / "other.pt"),
+                                                f"--out_dir={out}")
+    assert not out.exists()
+
+    lone = tmp_path / "lone" / "ckpt.pt"  # a char-level checkpoint without its meta.pkl
+    lone.parent.mkdir()
+    lone.write_bytes(before)
+    assert "--meta=" in fails("import", "--from=nanogpt", str(lone), f"--out_dir={out}")
+    assert not out.exists()
+
+    config_before = open(os.path.join(run, "config.json")).read()
+    assert "already holds a run" in fails("import", "--from=nanogpt", ckpt, f"--out_dir={run}")
+    assert open(os.path.join(run, "config.json")).read() == config_before
+
+
+def test_a_bigram_run_cannot_become_a_nanogpt_checkpoint(shakespeare, tmp_path, fails):
+    run = str(tmp_path / "bigram")
+    r = run_cli("train", "--config=bigram", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=2",
+                "--eval_interval=2", "--eval_iters=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bigram model" in fails("export", f"--out_dir={run}", "--to=nanogpt", str(tmp_path / "b.pt"))
+    assert not (tmp_path / "b.pt").exists()
