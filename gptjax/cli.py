@@ -14,7 +14,7 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
   train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force]
   sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
            [--temperature=T] [--top_k=K] [--seed=S]
-  eval     --out_dir=DIR [--split=val|train] [--batch_size=N]
+  eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--steps=N] [--repeats=N]
   export   --out_dir=DIR --to=nanogpt FILE.pt [--force]
   import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
@@ -103,12 +103,12 @@ def cmd_sample(opts, pos):
 def cmd_eval(opts, pos):
     from gptjax import train
 
-    _only(opts, ("out_dir", "split", "batch_size"), "eval")
+    _only(opts, ("out_dir", "split", "batch_size", "input"), "eval")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0))
+    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint, data, model, parallel
+from gptjax import checkpoint, data, model, parallel, tokenizers
 from gptjax.config import Config, TrainConfig
 from gptjax.errors import UserError
 
@@ -331,10 +331,18 @@ def load_state(out_dir: str, which: str = "best"):
     return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
 
 
-def evaluate(out_dir: str, split: str = "val", batch_size: int = 0) -> dict:
-    """Exact loss of a run's best checkpoint over a whole split, in nats/token and bits/char."""
+def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "") -> dict:
+    """Exact loss of a run's best checkpoint over a whole split, in nats/token and bits/char.
+
+    input_path replaces the run's corpus file (e.g. for a run imported without one).
+    """
     config, graphdef, params = load_run(out_dir)
-    prep = data.prepare(config.data)
+    data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
+    prep = data.prepare(data_config)
+    run_tok = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(run_tok) and tokenizers.load(run_tok).to_json() != prep.tokenizer().to_json():
+        raise UserError(f"the {split} data tokenizes differently from {out_dir}'s tokenizer.json: evaluate it on "
+                        "the corpus it was trained on (--input=PATH)")
     tokens = prep.tokens(split)
     nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size or config.train.batch_size)
     tok = prep.tokenizer()

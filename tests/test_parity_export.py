@@ -57,7 +57,7 @@ def test_exported_run_gives_the_same_logits_in_the_twin(exported, shakespeare):
     assert meta["vocab_size"] == 65 and meta["itos"][0] == "\n" and meta["stoi"]["a"] == 39
 
 
-def test_export_then_import_is_bit_exact(exported, tmp_path):
+def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     run, ckpt = exported
     imported = str(tmp_path / "imported")
     r = run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}")
@@ -72,6 +72,8 @@ def test_export_then_import_is_bit_exact(exported, tmp_path):
     args = ("--start=ROMEO:", "--max_new_tokens=60", "--seed=7")
     s1, s2 = run_cli("sample", f"--out_dir={run}", *args), run_cli("sample", f"--out_dir={imported}", *args)
     assert s1.returncode == 0 and s1.stdout == s2.stdout
+    # the import knows no corpus file: eval takes one, and gives the original run's exact loss
+    assert train.evaluate(imported, input_path=shakespeare)["loss"] == train.evaluate(run)["loss"]
 
 
 def test_import_a_checkpoint_made_by_pytorch(tmp_path):

@@ -167,3 +167,22 @@ def test_tanh_gelu_disagreement_is_detected(monkeypatch):
     monkeypatch.setattr(jax.nn, "gelu", lambda h, approximate=False: gelu(h, approximate=True))
     r = parity.forward_backward(c, params, x, y)
     assert r["logits"] > TOL and r["grad"] > TOL
+
+
+def test_greedy_generation_is_the_same_token_for_token():
+    """top_k=1 leaves one choice per step: both frameworks must write the same text, past block_size too."""
+    c = ModelConfig(vocab_size=31, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True)
+    params = _weights(c, 3)
+    graphdef = model.split(model.abstract_model(c))[0]
+    prompt = np.random.default_rng(0).integers(0, 31, (2, 3))
+    out = sample.generate(graphdef, c.block_size, 20, 1, params, jnp.asarray(prompt, jnp.int32),
+                          jax.random.PRNGKey(0), jnp.float32(1.0))
+    twin_out = parity.load_twin(params, c).generate(torch.from_numpy(prompt), 20, temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(np.asarray(out), twin_out.numpy())
+
+
+def test_bigram_twin_generates_from_its_table():
+    c = ModelConfig(model="bigram", vocab_size=5, block_size=8)
+    m = parity.load_twin(_weights(c, 0), c)
+    out = m.generate(torch.zeros((2, 1), dtype=torch.long), 12, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 13) and int(out.max()) < 5

@@ -102,7 +102,7 @@ def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConf
     worst = max(param_diffs, key=param_diffs.get)
     out = {"loss_jax": loss_jax, "loss_torch": loss_torch, "clipped_steps": clipped,
            "loss": float(np.max(np.abs(np.subtract(loss_jax, loss_torch)))), "params": param_diffs[worst],
-           "params_worst": worst}
+           "params_worst": worst, "final_params": state.params}
     if eval_batches:
         x, y = data.get_batch(eval_tokens, eval_batches * B, T, t.seed, 0, stream=2)
         est = train.make_estimate_loss(graphdef)
