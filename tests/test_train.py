@@ -1,7 +1,6 @@
 import contextlib
 import dataclasses
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +37,12 @@ def _batch(A=1, B=4, T=8, seed=0):
 
 
 def test_schedule_matches_nanogpt_get_lr():
+    from gptjax.reference.nanogpt import get_lr  # nanoGPT train.py's get_lr, in the PyTorch twin's loop
+
     t = TrainConfig(learning_rate=1e-3, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4)
-
-    def get_lr(it):  # nanoGPT train.py, verbatim logic
-        if it < t.warmup_iters:
-            return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
-        if it > t.lr_decay_iters:
-            return t.min_lr
-        ratio = (it - t.warmup_iters) / (t.lr_decay_iters - t.warmup_iters)
-        return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
-
     lr = lr_schedule(t)
     for it in (0, 1, 50, 99, 100, 101, 1000, 1999, 2000, 2001, 5000):
-        assert float(lr(it)) == pytest.approx(get_lr(it), rel=1e-6), it
+        assert float(lr(it)) == pytest.approx(get_lr(it, t), rel=1e-6), it
     assert float(lr(0)) > 0  # warmup starts at lr/(warmup+1), not 0
     assert float(lr_schedule(dataclasses.replace(t, decay_lr=False))(7)) == pytest.approx(1e-3)
 
