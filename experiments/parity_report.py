@@ -8,6 +8,8 @@ For each shape (tiny, shakespeare_char_cpu, lecture; dropout 0, fp32 on CPU):
      6e-5, beta2 0.95, weight decay 0.1 on >= 2-D parameters, clip 1.0), warmup 10 steps, cosine to step 80.
   2. Forward and backward at the trained gptjax weights on a validation batch: logits, loss, every gradient.
   3. The floor: gptjax against itself with every initial weight moved by one ulp, the same 100 steps.
+  4. Switching frameworks mid-run: 50 steps in one, a nanoGPT ckpt.pt (weights and AdamW state) through
+     torch.save / torch.load(weights_only=True), 50 in the other, against staying put (both directions).
 Then the seeds' bigram experiment (batch 32, block 8, AdamW lr 1e-3, 10000 steps) in both frameworks.
 """
 
@@ -49,13 +51,17 @@ def check_shape(name: str, input_path: str, steps: int) -> dict:
     trained = run["final_params"]
     x, y = data.get_batch(val_tokens, batch, c.block_size, config.train.seed, 0, stream=2)
     fb = parity.forward_backward(c, trained, x, y)
+    half = steps // 2
+    switch = [parity.switch_frameworks(config, train_tokens, half, steps - half, d)
+              for d in ("jax->torch", "torch->jax")]
     return {"shape": name, "model": f"{c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}"
             f"{', biases' if c.bias else ''}{', untied head' if not c.tie_weights else ''}",
             "params": model.num_params(trained), "batch": f"{accum} x {batch} x {c.block_size}",
             "logits": fb["logits"], "loss0": fb["loss"], "grad": fb["grad"], "grad_worst": fb["grad_worst"],
             "curve": run["loss"], "final": run["params"], "final_worst": run["params_worst"],
             "clipped": run["clipped_steps"], "floor_curve": floor["loss"], "floor_final": floor["params"],
-            "loss_start": run["loss_jax"][0], "loss_end": run["loss_jax"][-1], "train_s": train_s}
+            "loss_start": run["loss_jax"][0], "loss_end": run["loss_jax"][-1], "train_s": train_s,
+            "switch": " / ".join(f"{max(r['loss'], r['params']):.1e}" for r in switch)}
 
 
 def main(argv=None) -> int:
@@ -99,18 +105,22 @@ def main(argv=None) -> int:
         "0.1 on >= 2-D parameters, clip 1.0; warmup 10, cosine to step 80), same initial weights and batches; "
         "gptjax's jitted train step vs nanoGPT's loop in `gptjax/reference/nanogpt.py`. Forward / backward: at the "
         "trained weights, one validation batch. Floor: gptjax against itself with each initial weight one ulp "
-        "away, same steps. All figures are max abs differences (gradients: |a-b| / max(1, |b|)).",
+        "away, same steps. Switch: half the steps in one framework, the run moved through a nanoGPT `ckpt.pt` "
+        "(weights and AdamW state, `torch.save` / `torch.load(weights_only=True)`), the rest in the other, "
+        "against staying in the first; the larger of the loss-curve and final-parameter differences. "
+        "All figures are max abs differences (gradients: |a-b| / max(1, |b|)).",
         "",
         "| shape | model | params | batch (accum x B x T) | logits | loss | gradients (worst) | "
         f"{args.steps}-step loss curve | final params (worst) | floor: curve / params | clipped steps | "
-        "loss start -> end | both trainings |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | --- | ---: |",
+        "switch mid-run: jax->torch / torch->jax | loss start -> end | both trainings |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | --- | --- | ---: |",
     ]
     for r in rows:
         lines.append(f"| `{r['shape']}` | {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['logits']:.1e} | "
                      f"{r['loss0']:.1e} | {r['grad']:.1e} (`{r['grad_worst']}`) | {r['curve']:.1e} | "
                      f"{r['final']:.1e} (`{r['final_worst']}`) | {r['floor_curve']:.1e} / {r['floor_final']:.1e} | "
-                     f"{r['clipped']} | {r['loss_start']:.3f} -> {r['loss_end']:.3f} | {r['train_s']:.0f} s |")
+                     f"{r['clipped']} | {r['switch']} | {r['loss_start']:.3f} -> {r['loss_end']:.3f} | "
+                     f"{r['train_s']:.0f} s |")
     lines += [
         "",
         f"Why the learning rate: the same floor for `tiny` at its preset's rate (lr {hot.train.learning_rate:g} -> "

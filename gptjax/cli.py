@@ -156,11 +156,13 @@ def cmd_import(opts, pos):
     if "out_dir" not in opts:
         raise UserError("gptjax import needs --out_dir=DIR for the new run")
     out_dir = _take(opts, "out_dir", str, "")
-    config = _torch_convert().import_nanogpt(path, out_dir, _take(opts, "meta", str, None),
-                                             force=_take(opts, "force", bool, False))
-    m = config.model
+    config, state = _torch_convert().import_nanogpt(path, out_dir, _take(opts, "meta", str, None),
+                                                    force=_take(opts, "force", bool, False))
+    m, step = config.model, int(state.step)
     print(f"imported {path} into {out_dir}: {m.n_layer} layers x {m.n_head} heads x {m.n_embd}, block {m.block_size}, "
-          f"vocab {m.vocab_size}, tokenizer {config.data.tokenizer}")
+          f"vocab {m.vocab_size}, tokenizer {config.data.tokenizer}; "
+          + (f"weights and AdamW state at step {step} (continue with gptjax train --init_from=resume "
+             f"--out_dir={out_dir})" if step else "weights only (the optimizer starts afresh)"))
     print("sample:")
     print(sample.sample(out_dir, max_new_tokens=200)[0])
 

@@ -203,9 +203,12 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     saved = _prepare_out_dir(config, force)
-    if saved is not None:  # resume: the run's own model and data; this invocation's training settings
-        config = dataclasses.replace(saved, train=config.train)
+    if saved is not None:  # resume: the run's own model and data (or --input's copy of it); this invocation's training
+        data_config = dataclasses.replace(saved.data, input=config.data.input) if config.data.input else saved.data
+        config = dataclasses.replace(saved, data=data_config, train=config.train)
     config, prep, graphdef, params, tx = setup(config)
+    if saved is not None:
+        check_tokenizer(config.train.out_dir, prep)
     t, m = config.train, config.model
     out = t.out_dir
     os.makedirs(out, exist_ok=True)
@@ -331,6 +334,14 @@ def load_state(out_dir: str, which: str = "best"):
     return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
 
 
+def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:
+    """The prepared data must use the run's own tokenizer: the same text may be given as another corpus file."""
+    run_tok = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(run_tok) and tokenizers.load(run_tok).to_json() != prep.tokenizer().to_json():
+        raise UserError(f"this corpus tokenizes differently from {out_dir}/tokenizer.json: use the text the run "
+                        "was trained on (--input=PATH)")
+
+
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "") -> dict:
     """Exact loss of a run's best checkpoint over a whole split, in nats/token and bits/char.
 
@@ -339,10 +350,7 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     config, graphdef, params = load_run(out_dir)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
-    run_tok = os.path.join(out_dir, "tokenizer.json")
-    if os.path.exists(run_tok) and tokenizers.load(run_tok).to_json() != prep.tokenizer().to_json():
-        raise UserError(f"the {split} data tokenizes differently from {out_dir}'s tokenizer.json: evaluate it on "
-                        "the corpus it was trained on (--input=PATH)")
+    check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
     nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size or config.train.batch_size)
     tok = prep.tokenizer()

@@ -3,6 +3,7 @@ loads the way nanoGPT's sample.py loads it, and comes back through `gptjax impor
 
 import os
 import pickle
+import shutil
 
 import jax
 import numpy as np
@@ -43,7 +44,9 @@ def _nanogpt_sample_py_load(path):
 def test_exported_run_gives_the_same_logits_in_the_twin(exported, shakespeare):
     run, ckpt = exported
     checkpoint, twin = _nanogpt_sample_py_load(ckpt)
-    assert set(checkpoint) >= {"model", "model_args", "iter_num", "best_val_loss", "config"}
+    assert set(checkpoint) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
+    groups = checkpoint["optimizer"]["param_groups"]  # nanoGPT's: decayed >= 2-D parameters, then the rest
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and len(checkpoint["optimizer"]["state"]) == 15
     assert checkpoint["config"]["dataset"] == "shakespeare_char" and checkpoint["iter_num"] == 30
     config, graphdef, params = train.load_run(run)
     val = data.prepare(config.data).tokens("val")
@@ -63,10 +66,11 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     r = run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample:" in r.stdout
-    _, _, a = train.load_run(run)
-    config, _, b = train.load_run(imported)
+    assert "AdamW state at step 30" in r.stdout
+    _, _, a = train.load_state(run)
+    config, _, b = train.load_state(imported)
     assert config.model == train.load_run(run)[0].model
-    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)  # params, AdamW moments, counts, step, best val loss
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
     args = ("--start=ROMEO:", "--max_new_tokens=60", "--seed=7")
@@ -74,6 +78,22 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     assert s1.returncode == 0 and s1.stdout == s2.stdout
     # the import knows no corpus file: eval takes one, and gives the original run's exact loss
     assert train.evaluate(imported, input_path=shakespeare)["loss"] == train.evaluate(run)["loss"]
+
+
+def test_imported_run_resumes_like_the_original(exported, tmp_path, shakespeare):
+    """export -> import -> gptjax train --init_from=resume: the same 10 further steps as resuming the run itself."""
+    run, ckpt = exported
+    original, imported = str(tmp_path / "original"), str(tmp_path / "imported")
+    shutil.copytree(run, original)
+    assert run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}").returncode == 0
+    for out in (original, imported):
+        r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", "--init_from=resume",
+                    "--max_iters=40")
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = train.load_state(original, "latest")[2], train.load_state(imported, "latest")[2]
+    assert int(a.step) == int(b.step) == 40
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_import_a_checkpoint_made_by_pytorch(tmp_path):

@@ -9,13 +9,16 @@ import os
 import pickle
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
 from gptjax import checkpoint, model, tokenizers, train
 from gptjax.config import Config, DataConfig, ModelConfig, TrainConfig, field_types
 from gptjax.errors import UserError
+from gptjax.reference.nanogpt import get_lr
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
 GPT2_VOCAB = 50257
@@ -96,9 +99,100 @@ def from_torch_state_dict(sd: dict, c: ModelConfig):
     return model.params_from_names(model.abstract_params(c), {k: jnp.asarray(v) for k, v in named.items()})
 
 
+def _optimizer_order(c: ModelConfig) -> tuple[list[str], int]:
+    """nanoGPT's optimizer indices: the >= 2-D parameters, then the rest, each in named_parameters() order.
+
+    Returns the PyTorch keys in index order and the size of the first (weight-decayed) group.
+    """
+    like = model.param_names(model.abstract_params(c))
+    keys, seen = [], set()
+    for key, name, _ in layout(c):
+        if name not in seen:  # a tied head is wte's parameter, listed once
+            seen.add(name)
+            keys.append((key, len(like[name].shape)))
+    decay = [k for k, ndim in keys if ndim >= 2]
+    return decay + [k for k, ndim in keys if ndim < 2], len(decay)
+
+
+def _adam(opt_state) -> optax.ScaleByAdamState:
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x))
+
+
+def to_torch_optimizer_state(opt_state, config: Config) -> dict:
+    """gptjax's AdamW state as the state_dict of nanoGPT's torch.optim.AdamW (its two parameter groups)."""
+    c, t = config.model, config.train
+    order, n_decay = _optimizer_order(c)
+    adam = _adam(opt_state)
+    count = int(adam.count)
+    mu, nu = to_torch_state_dict(adam.mu, c), to_torch_state_dict(adam.nu, c)
+    defaults = torch.optim.AdamW([torch.zeros(1)], lr=get_lr(max(count - 1, 0), t), betas=(t.beta1, t.beta2),
+                                 eps=1e-8).state_dict()["param_groups"][0]  # this torch version's group fields
+    groups = [dict(defaults, weight_decay=t.weight_decay, params=list(range(n_decay))),
+              dict(defaults, weight_decay=0.0, params=list(range(n_decay, len(order))))]
+    state = {i: {"step": torch.tensor(float(count)), "exp_avg": mu[k].clone(), "exp_avg_sq": nu[k].clone()}
+             for i, k in enumerate(order)} if count else {}
+    return {"state": state, "param_groups": groups}
+
+
+def from_torch_optimizer_state(osd, params, tx, c: ModelConfig):
+    """gptjax's optimizer state (for tx, e.g. train.make_optimizer) from nanoGPT's AdamW state_dict."""
+    order, n_decay = _optimizer_order(c)
+    groups = osd.get("param_groups") if isinstance(osd, dict) else None
+    sizes = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else None
+    if sizes != [n_decay, len(order) - n_decay] or not isinstance(osd.get("state"), dict):
+        raise UserError(f"the optimizer state has parameter groups of sizes {sizes}; nanoGPT's AdamW for this model "
+                        f"has [{n_decay}, {len(order) - n_decay}] (decayed >= 2-D parameters, then the rest)")
+    state = osd["state"]
+    ids = [i for g in groups for i in g["params"]]
+    if not state:
+        return tx.init(params)
+    try:
+        per_key = {k: state[i] for k, i in zip(order, ids)}
+        steps = {float(st["step"]) for st in per_key.values()}
+        moments = [{k: st[m] for k, st in per_key.items()} for m in ("exp_avg", "exp_avg_sq")]
+    except (KeyError, TypeError):
+        raise UserError("the optimizer state is not AdamW's (step, exp_avg, exp_avg_sq for every parameter)") from None
+    if len(steps) != 1:
+        raise UserError(f"the optimizer state's parameters have taken different numbers of steps: {sorted(steps)}")
+    if c.tie_weights:
+        for m in moments:
+            m["lm_head.weight"] = m["transformer.wte.weight"]
+    mu, nu = (from_torch_state_dict(m, c) for m in moments)
+    opt_state = optax.tree_utils.tree_set(tx.init(params), mu=mu, nu=nu, count=jnp.asarray(int(steps.pop()), jnp.int32))
+    return jax.tree.map(jnp.copy, opt_state)  # Adam's and the schedule's counts must not share a (donated) buffer
+
+
 def _flat_config(config: Config) -> dict:
     """nanoGPT's checkpoint 'config': every setting under its flat name."""
     return {k: v for section in config.to_dict().values() for k, v in section.items()}
+
+
+def nanogpt_checkpoint(config: Config, state) -> dict:
+    """nanoGPT's ckpt.pt contents for a gptjax TrainState: model, optimizer, model_args, iter_num, best_val_loss,
+    config; nanoGPT's train.py resumes from it (--init_from=resume) and its sample.py samples from it."""
+    return {
+        "model": to_torch_state_dict(state.params, config.model),
+        "optimizer": to_torch_optimizer_state(state.opt_state, config),
+        "model_args": {k: getattr(config.model, k) for k in MODEL_ARGS},
+        "iter_num": int(state.step),
+        "best_val_loss": float(state.best_val_loss),
+        "config": _flat_config(config),
+    }
+
+
+def train_state_from_nanogpt(ckpt: dict, config: Config):
+    """A gptjax TrainState from nanoGPT's ckpt.pt contents: the optimizer state and step where the file has them,
+    a fresh optimizer at step 0 where it holds weights only."""
+    params = from_torch_state_dict(ckpt["model"], config.model)
+    tx = train.make_optimizer(config.train, params)
+    state = train.init_state(params, tx)
+    if "optimizer" not in ckpt:
+        return state
+    best = ckpt.get("best_val_loss", float("inf"))
+    return state._replace(step=jnp.asarray(int(ckpt.get("iter_num", 0)), jnp.int32),
+                          opt_state=from_torch_optimizer_state(ckpt["optimizer"], params, tx, config.model),
+                          best_val_loss=jnp.asarray(float(best), jnp.float32))
 
 
 def export_nanogpt(out_dir: str, path: str, force: bool = False) -> dict:
@@ -123,13 +217,7 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False) -> dict:
             raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
         if meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
             raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
-    ckpt = {
-        "model": to_torch_state_dict(state.params, c),
-        "model_args": {k: getattr(c, k) for k in MODEL_ARGS},
-        "iter_num": int(state.step),
-        "best_val_loss": float(state.best_val_loss),
-        "config": _flat_config(config),
-    }
+    ckpt = nanogpt_checkpoint(config, state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
     if meta is not None:
@@ -185,10 +273,11 @@ def load_nanogpt(path: str) -> dict:
     return ckpt
 
 
-def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force: bool = False) -> Config:
-    """Make a gptjax run directory (config, tokenizer, best/latest checkpoints) from a nanoGPT ckpt.pt.
+def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force: bool = False):
+    """Make a gptjax run directory (config, tokenizer, best/latest checkpoints) from a nanoGPT ckpt.pt; (config, state).
 
-    The weights come over exactly; the optimizer starts fresh at step 0. The tokenizer is meta_path, else
+    Weights and AdamW state come over exactly, so `gptjax train --init_from=resume` continues the run; a file
+    without an optimizer state starts a fresh one at step 0. The tokenizer is meta_path, else
     meta.pkl beside the checkpoint, else GPT-2's when the vocabulary is GPT-2's (as nanoGPT's sample.py does).
     """
     ckpt = load_nanogpt(path)
@@ -206,7 +295,6 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
         raise UserError(f"{path}: model_args {args} do not describe a GPT")
     if head is None:
         sd = dict(sd, **{"lm_head.weight": wte})
-    params = from_torch_state_dict(sd, c)
 
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     local_meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
@@ -227,12 +315,12 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     dataset = saved.get("dataset") if isinstance(saved.get("dataset"), str) else "shakespeare_char"
     config = Config(model=c, data=DataConfig(dataset=dataset, tokenizer=tok.name),
                     train=dataclasses.replace(TrainConfig(**carried), out_dir=out_dir, init_from="scratch"))
+    state = train_state_from_nanogpt(dict(ckpt, model=sd), config)  # every check before anything is written
     train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=1)
     tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
-    state = train.init_state(params, train.make_optimizer(config.train, params))
     checkpoint.save(out_dir, "best", state)
     checkpoint.save(out_dir, "latest", state, copy_of="best")
-    return config
+    return config, state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,39 @@ def forward_backward(c: ModelConfig, params, x_BT, y_BT, twin_config: ModelConfi
             "params": len(errors)}
 
 
+def _batch(tokens, config: Config, it: int):
+    A, B, T = config.train.gradient_accumulation_steps, config.train.batch_size, config.model.block_size
+    x, y = data.get_batch(tokens, A * B, T, config.train.seed, it)
+    return x.reshape(A, B, T), y.reshape(A, B, T)
+
+
+def jax_steps(step_fn, state, tokens, config: Config, start: int, steps: int):
+    """(state, losses, grad norms) after gptjax's train step runs steps start .. start + steps - 1."""
+    losses, norms = [], []
+    for it in range(start, start + steps):
+        state, metrics = step_fn(state, *_batch(tokens, config, it), jax.random.PRNGKey(config.train.seed))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    return state, losses, norms
+
+
+def torch_steps(tm, opt, tokens, config: Config, start: int, steps: int) -> list[float]:
+    """Losses of nanoGPT's loop over the same steps and batches."""
+    return [torch_train_step(tm, opt, *map(_t, _batch(tokens, config, it)), it, config.train)
+            for it in range(start, start + steps)]
+
+
+def _final_diff(params, c: ModelConfig, tm) -> tuple[float, str]:
+    final = convert.to_torch_state_dict(params, c)
+    diffs = {k: float((final[k] - p.detach()).abs().max()) for k, p in tm.state_dict().items() if k in final}
+    worst = max(diffs, key=diffs.get)
+    return diffs[worst], worst
+
+
+def _curve_diff(a, b) -> float:
+    return float(np.max(np.abs(np.subtract(a, b))))
+
+
 def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConfig | None = None,
                torch_optimizer=None, eval_tokens=None, eval_batches: int = 0) -> dict:
     """`steps` optimizer steps in both frameworks from the same initial weights on the same batches.
@@ -85,32 +119,69 @@ def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConf
     tm = load_twin(params, jc, None if jax_model is None else c)
     opt = (torch_optimizer or (lambda m: configure_optimizers(m, t)))(tm)
     tx = tx or train.make_optimizer(t, params)
-    step_fn = train.make_train_step(graphdef, tx, t)
-    state = train.init_state(params, tx)
-    key = jax.random.PRNGKey(t.seed)
-    A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
-    loss_jax, loss_torch, clipped = [], [], 0
-    for it in range(steps):
-        x, y = data.get_batch(tokens, A * B, T, t.seed, it)
-        x, y = x.reshape(A, B, T), y.reshape(A, B, T)
-        state, metrics = step_fn(state, x, y, key)
-        loss_torch.append(torch_train_step(tm, opt, _t(x), _t(y), it, t))
-        loss_jax.append(float(metrics["loss"]))
-        clipped += bool(t.grad_clip and float(metrics["grad_norm"]) > t.grad_clip)
-    final = convert.to_torch_state_dict(state.params, jc)
-    param_diffs = {k: float((final[k] - p.detach()).abs().max()) for k, p in tm.state_dict().items() if k in final}
-    worst = max(param_diffs, key=param_diffs.get)
-    out = {"loss_jax": loss_jax, "loss_torch": loss_torch, "clipped_steps": clipped,
-           "loss": float(np.max(np.abs(np.subtract(loss_jax, loss_torch)))), "params": param_diffs[worst],
-           "params_worst": worst, "final_params": state.params}
+    state, loss_jax, norms = jax_steps(train.make_train_step(graphdef, tx, t), train.init_state(params, tx), tokens,
+                                       config, 0, steps)
+    loss_torch = torch_steps(tm, opt, tokens, config, 0, steps)
+    param_diff, worst = _final_diff(state.params, jc, tm)
+    out = {"loss_jax": loss_jax, "loss_torch": loss_torch,
+           "clipped_steps": sum(bool(t.grad_clip) and n > t.grad_clip for n in norms),
+           "loss": _curve_diff(loss_jax, loss_torch), "params": param_diff, "params_worst": worst,
+           "final_params": state.params}
     if eval_batches:
+        B, T = t.batch_size, c.block_size
         x, y = data.get_batch(eval_tokens, eval_batches * B, T, t.seed, 0, stream=2)
-        est = train.make_estimate_loss(graphdef)
-        out["eval_jax"] = float(est(state.params, x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T)))
+        x, y = x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T)
+        out["eval_jax"] = float(train.make_estimate_loss(graphdef)(state.params, x, y))
         with torch.no_grad():
-            out["eval_torch"] = float(np.mean([tm(_t(xb), _t(yb))[1].item() for xb, yb in
-                                               zip(x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T))]))
+            out["eval_torch"] = float(np.mean([tm(_t(xb), _t(yb))[1].item() for xb, yb in zip(x, y)]))
     return out
+
+
+def _through_a_file(ckpt: dict) -> dict:
+    """torch.save, then torch.load(weights_only=True), as a checkpoint travels between the frameworks."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def switch_frameworks(config: Config, tokens, before: int, after: int, direction: str,
+                      keep_optimizer: bool = True) -> dict:
+    """Train `before` steps in one framework, move the run through a nanoGPT checkpoint (weights and AdamW
+    state) and train `after` more in the other, against staying in the first; direction is "jax->torch" or
+    "torch->jax". keep_optimizer=False drops the optimizer state from the checkpoint, to show that it matters.
+    """
+    c, t = config.model, config.train
+    assert c.dropout == 0.0 and direction in ("jax->torch", "torch->jax")
+    graphdef, params = model.split(model.create(c, t.seed))
+    tx = train.make_optimizer(t, params)
+    step_fn = train.make_train_step(graphdef, tx, t)
+    tm = load_twin(params, c)
+    opt = configure_optimizers(tm, t)
+    if direction == "jax->torch":
+        state, _, _ = jax_steps(step_fn, train.init_state(params, tx), tokens, config, 0, before)
+        ckpt = _through_a_file(convert.nanogpt_checkpoint(config, state))
+        if not keep_optimizer:
+            ckpt.pop("optimizer")
+        tm = GPT(dataclasses.replace(c, **ckpt["model_args"]))  # what nanoGPT's train.py does to resume
+        tm.load_state_dict(ckpt["model"])
+        opt = configure_optimizers(tm, t)
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter_num"]
+    else:
+        torch_steps(tm, opt, tokens, config, 0, before)
+        ckpt = {"model": tm.state_dict(), "model_args": {k: getattr(c, k) for k in convert.MODEL_ARGS},
+                "iter_num": before, "best_val_loss": torch.tensor(9.0), "config": {"dataset": "shakespeare_char"}}
+        if keep_optimizer:
+            ckpt["optimizer"] = opt.state_dict()
+        state = convert.train_state_from_nanogpt(_through_a_file(ckpt), config)
+        start = int(state.step) if keep_optimizer else before
+    # Both continue from the switch: the run that moved, and the one that stayed where it was.
+    state, loss_jax, _ = jax_steps(step_fn, state, tokens, config, start, after)
+    loss_torch = torch_steps(tm, opt, tokens, config, start, after)
+    param_diff, worst = _final_diff(state.params, c, tm)
+    return {"loss": _curve_diff(loss_jax, loss_torch), "params": param_diff, "params_worst": worst, "start": start}
 
 
 def jax_floor(config: Config, tokens, steps: int) -> dict:
