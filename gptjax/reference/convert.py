@@ -310,8 +310,14 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {c.vocab_size}")
 
     types = field_types()
-    carried = {k: v for k, v in saved.items() if types.get(k, (None,))[0] == "train" and type(v) is types[k][1]
-               and k not in ("out_dir", "init_from")}
+    carried = {}  # nanoGPT's training settings share gptjax's names; anything else in its config is left behind
+    for k, v in saved.items():
+        if types.get(k, (None,))[0] == "train" and k not in ("out_dir", "init_from"):
+            typ = types[k][1]
+            if typ is float and type(v) is int:
+                v = float(v)
+            if type(v) is typ:
+                carried[k] = v
     dataset = saved.get("dataset") if isinstance(saved.get("dataset"), str) else "shakespeare_char"
     config = Config(model=c, data=DataConfig(dataset=dataset, tokenizer=tok.name),
                     train=dataclasses.replace(TrainConfig(**carried), out_dir=out_dir, init_from="scratch"))
