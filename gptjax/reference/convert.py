@@ -69,11 +69,15 @@ def to_torch_state_dict(params, c: ModelConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _clean(sd: dict) -> dict:
+    """Without torch.compile's _orig_mod. prefix and older nanoGPT's causal-mask buffers (h.N.attn.bias, 4-D)."""
+    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") and getattr(v, "ndim", 0) == 4)}
+
+
 def from_torch_state_dict(sd: dict, c: ModelConfig):
     """gptjax parameters from a nanoGPT-named state dict; missing, unexpected or misshapen tensors are errors."""
-    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # what torch.compile'd models save
-    # Older nanoGPT saves its causal masks as buffers named h.N.attn.bias, [1, 1, block, block].
-    sd = {k: v for k, v in sd.items() if not (k.endswith(".attn.bias") and getattr(v, "ndim", 0) == 4)}
+    sd = _clean(sd)
     rows = layout(c)
     expected = {key for key, _, _ in rows}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -81,7 +85,8 @@ def from_torch_state_dict(sd: dict, c: ModelConfig):
         what = "; ".join(f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                          for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
         raise UserError(f"the state dict does not fit this model ({what}); check bias, n_layer and tie_weights")
-    like = model.param_names(model.abstract_params(c))
+    abstract = model.abstract_params(c)
+    like = model.param_names(abstract)
     named = {}
     for key, name, transposed in rows:
         if not isinstance(sd[key], torch.Tensor):
@@ -96,7 +101,7 @@ def from_torch_state_dict(sd: dict, c: ModelConfig):
                 raise UserError("lm_head.weight differs from transformer.wte.weight: the weights are not tied")
             continue
         named[name] = np.ascontiguousarray(x)
-    return model.params_from_names(model.abstract_params(c), {k: jnp.asarray(v) for k, v in named.items()})
+    return model.params_from_names(abstract, {k: jnp.asarray(v) for k, v in named.items()})
 
 
 def _optimizer_order(c: ModelConfig) -> tuple[list[str], int]:
@@ -282,7 +287,7 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     """
     ckpt = load_nanogpt(path)
     args = ckpt["model_args"]
-    sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # what torch.compile'd models save
+    sd = _clean(ckpt["model"])
     wte, head = sd.get("transformer.wte.weight"), sd.get("lm_head.weight")
     tied = head is None or (isinstance(wte, torch.Tensor) and isinstance(head, torch.Tensor)
                             and wte.shape == head.shape and torch.equal(wte, head))

@@ -105,12 +105,13 @@ def _curve_diff(a, b) -> float:
 
 
 def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConfig | None = None,
-               torch_optimizer=None, eval_tokens=None, eval_batches: int = 0) -> dict:
+               torch_optimizer=None, eval_tokens=None) -> dict:
     """`steps` optimizer steps in both frameworks from the same initial weights on the same batches.
 
     gptjax runs its own jitted train step (train.make_train_step), the twin runs nanoGPT's loop
     (reference.nanogpt.train_step). tx / jax_model / torch_optimizer swap in a different optimizer or model
-    on one side, to show what a silent difference does. Returns both loss curves and the final differences.
+    on one side, to show what a silent difference does. Returns both loss curves and the final differences,
+    and with eval_tokens both models' loss on the eval_iters validation batches `gptjax train` estimates with.
     """
     c, t = config.model, config.train
     assert c.dropout == 0.0, "parity runs without dropout: the two frameworks draw different masks"
@@ -127,10 +128,8 @@ def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConf
            "clipped_steps": sum(bool(t.grad_clip) and n > t.grad_clip for n in norms),
            "loss": _curve_diff(loss_jax, loss_torch), "params": param_diff, "params_worst": worst,
            "final_params": state.params}
-    if eval_batches:
-        B, T = t.batch_size, c.block_size
-        x, y = data.get_batch(eval_tokens, eval_batches * B, T, t.seed, 0, stream=2)
-        x, y = x.reshape(eval_batches, B, T), y.reshape(eval_batches, B, T)
+    if eval_tokens is not None:
+        x, y = train.eval_batches(eval_tokens, t, c.block_size, "val", 0)
         out["eval_jax"] = float(train.make_estimate_loss(graphdef)(state.params, x, y))
         with torch.no_grad():
             out["eval_torch"] = float(np.mean([tm(_t(xb), _t(yb))[1].item() for xb, yb in zip(x, y)]))
@@ -189,28 +188,22 @@ def jax_floor(config: Config, tokens, steps: int) -> dict:
 
     Parity between frameworks cannot be tighter than this; where it is large the training is chaotic.
     """
-    c, t = config.model, config.train
-    graphdef, params = model.split(model.create(c, t.seed))
-    A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
-    runs = []
-    for p in (params, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)):
-        tx = train.make_optimizer(t, p)
-        step_fn, state, losses = train.make_train_step(graphdef, tx, t), train.init_state(p, tx), []
-        for it in range(steps):
-            x, y = data.get_batch(tokens, A * B, T, t.seed, it)
-            state, metrics = step_fn(state, x.reshape(A, B, T), y.reshape(A, B, T), jax.random.PRNGKey(t.seed))
-            losses.append(float(metrics["loss"]))
-        runs.append((losses, state.params))
-    (l0, p0), (l1, p1) = runs
-    return {"loss": float(np.max(np.abs(np.subtract(l0, l1)))),
-            "params": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))}
+    t = config.train
+    graphdef, params = model.split(model.create(config.model, t.seed))
+    tx = train.make_optimizer(t, params)
+    step_fn = train.make_train_step(graphdef, tx, t)
+    (p0, l0, _), (p1, l1, _) = (
+        jax_steps(step_fn, train.init_state(p, tx), tokens, config, 0, steps)
+        for p in (params, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)))
+    return {"loss": _curve_diff(l0, l1),
+            "params": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0.params),
+                                                                      jax.tree.leaves(p1.params)))}
 
 
 def seeds_bigram(config: Config, tokens, val_tokens, steps: int = 10000) -> dict:
     """The seeds' bigram experiment in both frameworks: torch.optim.AdamW(m.parameters(), lr) as the seeds call it."""
     assert config.model.model == "bigram"
     return train_both(config, tokens, steps, eval_tokens=val_tokens,
-                      eval_batches=config.train.eval_iters if val_tokens is not None else 0,
                       torch_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=config.train.learning_rate))
 
 
