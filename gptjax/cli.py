@@ -15,7 +15,9 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
   sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
            [--temperature=T] [--top_k=K] [--seed=S]
   eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH]
-  bench    [--config=NAME|FILE.py] [--key=value ...] [--steps=N] [--repeats=N]
+  bench    [--config=NAME|FILE.py] [--key=value ...] [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile]
+           [--workload=train|forward|generate] [--steps=N] [--eager_steps=N] [--warmup=N] [--repeats=R]
+           [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
   export   --out_dir=DIR --to=nanogpt FILE.pt [--force]
   import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
@@ -116,9 +118,12 @@ def cmd_eval(opts, pos):
 def cmd_bench(opts, pos):
     from gptjax import bench
 
-    steps = _take(opts, "steps", int, 20)
-    repeats = _take(opts, "repeats", int, 5)
-    bench.run(_config(opts), steps=steps, repeats=repeats)
+    options = bench.parse_options(opts)
+    records = bench.run(_config(opts), options)
+    failed = [r["mode"] for r in records if r["error"]]
+    if failed:
+        print(f"gptjax: {len(failed)} mode run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _file_and_format(opts, pos, key: str, command: str) -> str:

@@ -132,14 +132,19 @@ def next_token_probs(logits, temperature: float, top_k: int | None):
     return F.softmax(logits, dim=-1)
 
 
-def configure_optimizers(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """nanoGPT's groups: weight decay on every >= 2-D parameter (matrices and embeddings), none on the rest."""
+def configure_optimizers(model: nn.Module, t: TrainConfig, foreach: bool | None = False,
+                         fused: bool | None = None) -> torch.optim.AdamW:
+    """nanoGPT's groups: weight decay on every >= 2-D parameter (matrices and embeddings), none on the rest.
+
+    foreach=False (the parity suite's) updates one tensor at a time; None picks PyTorch's default.
+    """
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied matrix once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, foreach=foreach,
+                             fused=fused)
 
 
 def get_lr(it: int, t: TrainConfig) -> float:

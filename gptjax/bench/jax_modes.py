@@ -1,0 +1,105 @@
+"""The JAX modes: jax_jit (train's jitted step on one device), jax_jit_dp (split over every device, as `train`
+runs it on a CPU host) and jax_eager (the same functions op by op under jax.disable_jit())."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import model, parallel, sample, train
+from gptjax.bench.worker import n_calls, time_calls
+from gptjax.config import Config
+
+
+def load_params(c, path: str):
+    """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree."""
+    graphdef, like = model.split(model.abstract_model(c))
+    with np.load(path) as f:
+        named = {k: jnp.asarray(f[k]) for k in f.files}
+    return graphdef, model.params_from_names(like, named)
+
+
+def run(spec: dict) -> dict:
+    config = Config.from_dict(spec["config"])
+    c, t = config.model, config.train
+    mode, workload = spec["mode"], spec["workload"]
+    eager = mode == "jax_eager"
+    devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
+    graphdef, params = load_params(c, spec["params"])
+    n = n_calls(spec)
+    x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
+    A, B, T = x_NABT.shape[1:]
+    pending = {}
+
+    if workload == "train":
+        mesh = None if eager else parallel.data_mesh(B, devices)
+        tx = train.make_optimizer(t, params)
+        step_fn = train.make_train_step(graphdef, tx, t, mesh)
+        state = train.init_state(params, tx)
+        if mesh is not None:
+            state = jax.device_put(state, parallel.replicated(mesh))
+        place = parallel.batch_sharding(mesh) if mesh is not None else devices[0]
+        xs, ys = jax.device_put(list(x_NABT), place), jax.device_put(list(y_NABT), place)
+        key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)  # train's dropout key
+        pending["state"] = state
+
+        def call(i):
+            pending["state"], metrics = step_fn(pending["state"], xs[i], ys[i], key)
+            pending["out"] = metrics["loss"]
+            return metrics["loss"]
+
+        tokens_per_call = A * B * T
+    elif workload == "forward":
+        mesh = None if eager else parallel.data_mesh(B, devices)
+
+        def forward(p, x_BT, y_BT):
+            return train.loss_fn(graphdef, p, x_BT, y_BT)
+
+        if mesh is None:
+            fwd, place = jax.jit(forward), devices[0]
+        else:
+            place, rep = parallel.batch_sharding(mesh, 0), parallel.replicated(mesh)
+            fwd = jax.jit(forward, in_shardings=(rep, place, place), out_shardings=rep)
+            params = jax.device_put(params, rep)
+        xs, ys = jax.device_put(list(x_NABT[:, 0]), place), jax.device_put(list(y_NABT[:, 0]), place)
+
+        def call(i):
+            pending["out"] = fwd(params, xs[i], ys[i])
+            return pending["out"]
+
+        tokens_per_call = B * T
+    else:  # generate: B sequences of max_new_tokens from each batch row's first token
+        L = spec["max_new_tokens"]
+        mesh = parallel.data_mesh(B, devices)
+        prompt_NP = jax.device_put(x_NABT[0, 0, :, :1], parallel.batch_sharding(mesh, 0))
+        params = jax.device_put(params, parallel.replicated(mesh))
+        base = jax.random.PRNGKey(spec["seed"])
+
+        def call(i):
+            pending["out"] = sample.generate(graphdef, c.block_size, L, None, params, prompt_NP,
+                                             jax.random.fold_in(base, i), jnp.float32(1.0))
+            return None
+
+        tokens_per_call = B * L
+
+    def sync():
+        jax.block_until_ready(pending)
+
+    with jax.disable_jit() if eager else contextlib.nullcontext():
+        first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"])
+    dev = jax.devices()[0]
+    stats = [d.memory_stats() or {} for d in devices]
+    peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or None
+    return {
+        "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
+        "losses": None if workload == "generate" else [float(o) for o in outs],
+        "device": dev.device_kind if dev.platform != "cpu" else "cpu", "platform": dev.platform,
+        "devices": 1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
+        "peak_mem_bytes": peak, "peak_mem_source": "jax memory_stats peak_bytes_in_use" if peak else None,
+        "versions": {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
+        "threads": None, "detail": "jax.disable_jit()" if eager else "jax.jit",
+    }

@@ -1,0 +1,159 @@
+"""Benchmark records: one printed line each, results.json, results.md (ratios to jax_jit) and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# results.json is {"command", "fields", "records"}; every record has exactly these fields.
+FIELDS = {
+    "mode": "jax_jit | jax_jit_dp | jax_eager | torch_eager | torch_compile",
+    "detail": "how the mode ran: jax.jit, jax.disable_jit(), eager, torch.compile (backend, mode)",
+    "workload": "train (forward + backward + AdamW) | forward (eval logits and loss) | generate (sampling)",
+    "point": "the swept setting of this record, e.g. {'batch_size': 16}; {} without --sweep",
+    "config": "the whole run configuration (model / data / train), as config.json holds it",
+    "shape": "n_layer, n_head, n_embd, block_size, vocab_size, batch_size, gradient_accumulation_steps",
+    "params": "parameter count without position embeddings (nanoGPT's get_num_params)",
+    "device": "device kind ('cpu' on a CPU host: see host.cpu)",
+    "devices": "devices the mode ran on (the batch split over them)",
+    "dtype": "parameter and compute dtype",
+    "host": "cpu model and flags, cores",
+    "versions": "python and the framework packages the mode imported",
+    "threads": "PyTorch's intra-op and inter-op threads; null for JAX",
+    "steps": "timed calls per repeat",
+    "warmup": "untimed calls after the first",
+    "repeats": "timed repeats",
+    "step_ms": "milliseconds per call: median, min and max over the repeats, and every repeat's figure (runs)",
+    "tokens_per_step": "tokens one call processes (train: A x B x T; forward: B x T; generate: B x max_new_tokens)",
+    "tokens_per_sec": "tokens_per_step / median step time",
+    "first_call_s": "seconds of the first call: compilation (if any) plus one step",
+    "flops_per_token": "training FLOPs per token, 6N + 12*L*H*Q*T",
+    "mfu": "model FLOPs utilisation against the device's peak for dtype; null on a CPU or for generate",
+    "peak_mem_bytes": "peak memory of the mode (see peak_mem_source)",
+    "peak_mem_source": "JAX memory_stats, torch.cuda.max_memory_allocated, or the process's peak RSS on a CPU",
+    "loss": "loss of the last timed call (null for generate)",
+    "loss_diff": "max |loss - jax_jit's loss| over the calls both ran; null where not comparable",
+    "loss_flag": "true when loss_diff > 1e-3: fast but wrong",
+    "error": "null, or why the mode failed",
+}
+LOSS_TOLERANCE = 1e-3
+
+
+def _point(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["point"].items())
+
+
+def line(r: dict) -> str:
+    """One line per record, printed as the mode finishes."""
+    head = f"{r['mode']:<13} {r['workload']:<8} {_point(r) + ' ' if r['point'] else ''}"
+    if r["error"]:
+        return f"{head}FAILED: {r['error']}"
+    ms = r["step_ms"]
+    mfu = f" | MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+    loss = f" | loss {r['loss']:.4f}" if r["loss"] is not None else ""
+    if r["loss_diff"] is not None:
+        loss += f" (Δ jax_jit {r['loss_diff']:.1e})"
+    flag = f"\n!!! {r['mode']}: loss differs from jax_jit's by {r['loss_diff']:.2e} > {LOSS_TOLERANCE:g}" \
+        " — fast but wrong? !!!" if r["loss_flag"] else ""
+    return (f"{head}| {r['devices']} x {r['device']} | first call {r['first_call_s']:.2f} s | "
+            f"{ms['median']:.2f} ms/step (min {ms['min']:.2f}, max {ms['max']:.2f}) | "
+            f"{r['tokens_per_sec']:,.0f} tokens/s{mfu} | peak mem {r['peak_mem_bytes'] / 2**20:,.0f} MiB{loss}{flag}")
+
+
+def _ratio(r: dict, records: list[dict]) -> str:
+    base = [b for b in records if b["mode"] == "jax_jit" and b["point"] == r["point"]
+            and b["workload"] == r["workload"] and not b["error"]]
+    if not base or r["error"]:
+        return "–"
+    ratio = r["tokens_per_sec"] / base[0]["tokens_per_sec"]
+    return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
+
+
+def markdown(records: list[dict], command: str) -> str:
+    rows = ["| mode | workload | point | devices | first call | ms/step median (min–max) | tokens/s | "
+            "vs jax_jit | MFU | peak mem | loss (Δ jax_jit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        if r["error"]:
+            rows.append(f"| {r['mode']} | {r['workload']} | {_point(r)} | | | failed: {r['error']} | | | | | |")
+            continue
+        ms = r["step_ms"]
+        loss = "–" if r["loss"] is None else f"{r['loss']:.4f}"
+        if r["loss_diff"] is not None:
+            loss += f" ({r['loss_diff']:.1e}{' **MISMATCH**' if r['loss_flag'] else ''})"
+        rows.append(
+            f"| {r['mode']} | {r['workload']} | {_point(r) or '–'} | {r['devices']} × {r['device']} | "
+            f"{r['first_call_s']:.2f} s | {ms['median']:.2f} ({ms['min']:.2f}–{ms['max']:.2f}) | "
+            f"{r['tokens_per_sec']:,.0f} | {_ratio(r, records)} | "
+            f"{'–' if r['mfu'] is None else format(r['mfu'], '.1%')} | "
+            f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB | {loss} |")
+    ok = [r for r in records if not r["error"]]
+    head = ok[0] if ok else records[0]
+    s = head["shape"]
+    notes = [f"`{command}`", "",
+             f"Model {s['n_layer']} layers × {s['n_head']} heads × {s['n_embd']}, block {s['block_size']}, "
+             f"vocab {s['vocab_size']}, batch {s['batch_size']} × {s['gradient_accumulation_steps']} accumulated; "
+             f"{head['params']:,} parameters; {head['dtype']}; "
+             f"{head['flops_per_token']:,} training FLOPs per token (6N + 12·L·H·Q·T).",
+             f"Host: {head['host']['cpu']} ({head['host']['cores']} cores; {head['host']['flags']}).",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(
+                 {k: v for r in ok for k, v in r["versions"].items()}.items())) + ".",
+             f"Each mode ran in its own process: a first call, {head['warmup']} warm-up call(s), then "
+             f"{head['repeats']} repeats of the timed calls (steps per repeat in results.json); "
+             "'vs jax_jit' is the throughput ratio at the same point.", ""]
+    threads = [r["threads"] for r in ok if r["threads"]]
+    if threads:
+        notes.insert(-1, f"PyTorch threads: {threads[0]['intra_op']} intra-op, {threads[0]['inter_op']} inter-op.")
+    return "\n".join(notes + rows) + "\n"
+
+
+def chart(records: list[dict], path: str) -> None:
+    """A sweep: log-log ms/step against tokens per step (or the swept size), one line per mode.
+    No sweep: ms/step per mode as bars with the min-max range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if not r["error"]]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if ok and ok[0]["point"]:
+        key = next(iter(ok[0]["point"]))
+        by_tokens = len({r["tokens_per_step"] for r in ok}) > 1
+        for mode in modes:
+            rs = sorted((r for r in ok if r["mode"] == mode), key=lambda r: r["point"][key])
+            xs = [r["tokens_per_step"] if by_tokens else r["point"][key] for r in rs]
+            ax.plot(xs, [r["step_ms"]["median"] for r in rs], marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per step" if by_tokens else key)
+        ax.set_title(f"{ok[0]['workload']}: sweep over {key} (flat = overhead-bound, slope 1 = compute-bound)",
+                     fontsize=9)
+    else:
+        med = [next(r for r in ok if r["mode"] == m)["step_ms"] for m in modes]
+        ax.barh(modes, [m["median"] for m in med],
+                xerr=[[m["median"] - m["min"] for m in med], [m["max"] - m["median"] for m in med]])
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (median, min–max)")
+        if ok:
+            ax.set_title(f"{ok[0]['workload']} on {ok[0]['device']}", fontsize=9)
+    ax.set_ylabel("ms per step" if ok and ok[0]["point"] else "")
+    ax.grid(alpha=0.3, which="both")
+    if ok and ok[0]["point"]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(records: list[dict], out_dir: str, command: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f) for f in ("results.json", "results.md", "results.png")]
+    with open(paths[0], "w") as f:
+        json.dump({"command": command, "fields": FIELDS, "records": records}, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(markdown(records, command))
+    chart(records, paths[2])
+    return paths

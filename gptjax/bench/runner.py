@@ -1,0 +1,245 @@
+"""`gptjax bench`: options, the shared setup of each point (initial weights, batches), one subprocess per mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from importlib import util
+
+import numpy as np
+
+from gptjax.bench import flops, report
+from gptjax.config import Config, override, validate
+from gptjax.errors import UserError
+
+MODES = ("jax_jit", "jax_jit_dp", "jax_eager", "torch_eager", "torch_compile")
+WORKLOADS = ("train", "forward", "generate")
+SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    modes: tuple[str, ...] = MODES
+    workload: str = "train"
+    steps: int = 20  # timed calls per repeat
+    eager_steps: int = 3  # timed calls per repeat for jax_eager, hundreds of times slower
+    warmup: int = 2  # untimed calls after the first
+    repeats: int = 5
+    sweep_key: str = ""
+    sweep_values: tuple[int, ...] = ()
+    out: str = ""  # directory for results.json / results.md / results.png; empty: print only
+    max_new_tokens: int = 64  # generate: new tokens per sequence
+
+
+def _int(opts: dict, key: str, default: int, least: int) -> int:
+    if key not in opts:
+        return default
+    raw = opts.pop(key)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"--{key}={raw} is not an integer") from None
+    if value < least:
+        raise UserError(f"--{key}={value} must be at least {least}")
+    return value
+
+
+def parse_options(opts: dict) -> Options:
+    """Take bench's own options out of opts (the rest are config overrides); bad values are UserErrors."""
+    modes = tuple(m.strip() for m in opts.pop("modes", ",".join(MODES)).split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UserError(f"--modes: unknown mode {bad[0] if bad else '(none)'!r}; use a comma-separated list of "
+                        f"{', '.join(MODES)}")
+    if any(m.startswith("torch") for m in modes) and util.find_spec("torch") is None:
+        raise UserError("the torch_* modes need PyTorch: pip install 'gptjax[torch]', or pass --modes=jax_jit,...")
+    workload = opts.pop("workload", "train")
+    if workload not in WORKLOADS:
+        raise UserError(f"--workload={workload}: use one of {', '.join(WORKLOADS)}")
+    sweep_key, values = "", ()
+    if "sweep" in opts:
+        raw = opts.pop("sweep")
+        sweep_key, _, vals = raw.partition(":")
+        if sweep_key not in SWEEP_KEYS:
+            raise UserError(f"--sweep={raw}: sweep one of {', '.join(SWEEP_KEYS)}, e.g. --sweep=batch_size:1,4,16,64")
+        try:
+            values = tuple(int(v) for v in vals.split(","))
+        except ValueError:
+            raise UserError(f"--sweep={raw}: values must be integers, e.g. --sweep={sweep_key}:1,4,16") from None
+        if any(v < 1 for v in values) or len(set(values)) != len(values):
+            raise UserError(f"--sweep={raw}: values must be distinct and at least 1")
+    steps = _int(opts, "steps", 20, 1)
+    return Options(modes=tuple(dict.fromkeys(modes)), workload=workload, steps=steps,
+                   eager_steps=_int(opts, "eager_steps", min(steps, 3), 1), warmup=_int(opts, "warmup", 2, 0),
+                   repeats=_int(opts, "repeats", 5, 1), sweep_key=sweep_key, sweep_values=values,
+                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, 1))
+
+
+def host_info() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.split("\n\n")[0].splitlines())}
+        cpu = f"{field['model name']} (family {field.get('cpu family', '?')}, model {field.get('model', '?')})"
+        all_flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
+        flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+                 if f in all_flags]
+    except (OSError, StopIteration, KeyError):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"cpu": cpu, "flags": " ".join(flags) or "unknown", "cores": cores, "machine": platform.machine()}
+
+
+def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
+    if not o.sweep_key:
+        return [({}, config)]
+    points = []
+    for v in o.sweep_values:
+        c = override(config, {o.sweep_key: v})
+        validate(c)
+        points.append(({o.sweep_key: v}, c))
+    return points
+
+
+def _env(mode: str) -> dict:
+    """jax_jit and jax_eager see one XLA CPU device; jax_jit_dp one per core (or XLA_FLAGS' own count)."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICES_FLAG)]
+    if mode in ("jax_jit", "jax_eager"):
+        flags.append(f"{HOST_DEVICES_FLAG}=1")
+    elif HOST_DEVICES_FLAG not in env.get("XLA_FLAGS", ""):
+        flags.append(f"{HOST_DEVICES_FLAG}={host_info()['cores']}")
+    else:
+        flags = env["XLA_FLAGS"].split()
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config, dict, int]:
+    """Initial weights (saved for JAX and, converted, for PyTorch) and every call's batch, shared by all modes."""
+    import jax
+
+    try:  # set up on the host, so that a GPU's memory stays free for the modes
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:  # a backend already started in this process (a caller's own jax work)
+        pass
+    from gptjax import data, model
+    from gptjax.train import setup
+
+    config, prep, graphdef, params, _ = setup(config)
+    c, t = config.model, config.train
+    n = 1 + o.warmup + o.repeats * o.steps
+    x, y = data.get_batch(prep.tokens("train"), n * t.gradient_accumulation_steps * t.batch_size, c.block_size,
+                          t.seed, 0)
+    shape = (n, t.gradient_accumulation_steps, t.batch_size, c.block_size)
+    files = {"x": os.path.join(tmp, "x.npy"), "y": os.path.join(tmp, "y.npy"),
+             "params": os.path.join(tmp, "params.npz"), "torch_state": os.path.join(tmp, "twin.pt")}
+    np.save(files["x"], x.reshape(shape))
+    np.save(files["y"], y.reshape(shape))
+    np.savez(files["params"], **{k: np.asarray(v) for k, v in model.param_names(params).items()})
+    if any(m.startswith("torch") for m in modes):
+        import torch
+
+        from gptjax.reference import convert
+
+        if c.model != "gpt":
+            raise UserError("the torch_* modes bench the GPT twin: use --modes=jax_jit,jax_jit_dp,jax_eager for "
+                            "the bigram")
+        torch.save(convert.to_torch_state_dict(params, c), files["torch_state"])
+    return config, files, model.num_params(params)
+
+
+def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]:
+    spec_path, result_path = os.path.join(tmp, f"{mode}.spec.json"), os.path.join(tmp, f"{mode}.result.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
+                          env=_env(mode), capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(result_path):
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return None, (lines[-1] if lines else f"exit status {proc.returncode}")[:300]
+    with open(result_path) as f:
+        return json.load(f), None
+
+
+def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, res: dict | None,
+            error: str | None, base: dict | None, host: dict, steps: int) -> dict:
+    c, t = config.model, config.train
+    rec = {k: None for k in report.FIELDS}
+    rec.update(mode=mode, workload=o.workload, point=point, config=config.to_dict(), params=n_params,
+               shape={"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
+                      "vocab_size": c.vocab_size, "batch_size": t.batch_size,
+                      "gradient_accumulation_steps": t.gradient_accumulation_steps},
+               dtype="float32", host=host, steps=steps, warmup=o.warmup, repeats=o.repeats,
+               flops_per_token=flops.flops_per_token(c, n_params), error=error, loss_flag=False,
+               versions={"python": platform.python_version()})
+    if res is None:
+        return rec
+    runs_ms = [s * 1e3 for s in res["step_s_runs"]]
+    median = statistics.median(runs_ms)
+    tps = res["tokens_per_call"] / (median / 1e3)
+    rec.update(detail=res["detail"], device=res["device"], devices=res["devices"], threads=res["threads"],
+               versions={**rec["versions"], **res["versions"]},
+               step_ms={"median": median, "min": min(runs_ms), "max": max(runs_ms), "runs": runs_ms},
+               tokens_per_step=res["tokens_per_call"], tokens_per_sec=tps, first_call_s=res["first_call_s"],
+               mfu=flops.mfu(o.workload, c, n_params, tps, res["device"]),
+               peak_mem_bytes=res["peak_mem_bytes"], peak_mem_source=res["peak_mem_source"],
+               loss=res["losses"][-1] if res["losses"] else None)
+    both_jax = mode.startswith("jax") and base is not None and base["mode"].startswith("jax")
+    if base is not None and res["losses"] and base["losses"] and (c.dropout == 0.0 or both_jax):
+        k = min(len(res["losses"]), len(base["losses"]))
+        rec["loss_diff"] = float(np.max(np.abs(np.subtract(res["losses"][:k], base["losses"][:k]))))
+        rec["loss_flag"] = rec["loss_diff"] > report.LOSS_TOLERANCE
+    return rec
+
+
+def _point_text(point: dict) -> str:
+    return "".join(f"{k}={v}: " for k, v in point.items())
+
+
+def run(config: Config, o: Options, command: str = "") -> list[dict]:
+    """Every (point, mode): a record, printed as it finishes; the files in o.out when it is set."""
+    command = command or "gptjax bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    if o.out and os.path.exists(o.out) and not os.path.isdir(o.out):
+        raise UserError(f"--out={o.out} is a file: name a directory for results.json, results.md and results.png")
+    points = _points(config, o)
+    modes = sorted(o.modes, key=lambda m: m != "jax_jit")  # jax_jit first: the others' losses compare to it
+    host = host_info()
+    print(f"gptjax bench: {o.workload}, modes {', '.join(modes)}; {host['cpu']} ({host['cores']} cores, "
+          f"{host['flags']}); first call + {o.warmup} warm-up + {o.repeats} x {o.steps} timed calls "
+          f"({o.eager_steps} for jax_eager)", flush=True)
+    records = []
+    for point, pconfig in points:
+        with tempfile.TemporaryDirectory(prefix="gptjax-bench-") as tmp:
+            pconfig, files, n_params = _prepare_point(pconfig, o, modes, tmp)
+            c = pconfig.model
+            print(f"{_point_text(point)}model: {c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}, "
+                  f"vocab {c.vocab_size}, {n_params:,} params; {flops.flops_per_token(c, n_params):,} train "
+                  "FLOPs/token (6N + 12*L*H*Q*T)", flush=True)
+            base = None
+            for mode in modes:
+                steps = o.eager_steps if mode == "jax_eager" else o.steps
+                spec = {"mode": mode, "workload": o.workload, "config": pconfig.to_dict(), "steps": steps,
+                        "warmup": o.warmup, "repeats": o.repeats, "max_new_tokens": o.max_new_tokens,
+                        "seed": pconfig.train.seed, **files}
+                res, error = _run_mode(mode, spec, tmp)
+                if mode == "jax_jit" and res is not None:
+                    base = {"mode": mode, "losses": res["losses"]}
+                rec = _record(mode, o, point, pconfig, n_params, res, error, base if mode != "jax_jit" else None,
+                              host, steps)
+                records.append(rec)
+                print(report.line(rec), flush=True)
+    if o.out:
+        paths = report.write(records, o.out, command)
+        print(f"wrote {', '.join(paths)}")
+    return records
+

@@ -1,0 +1,75 @@
+"""One benchmark mode in a process of its own: `python -m gptjax.bench.worker SPEC.json RESULT.json`.
+
+A spec names the mode, the workload, the config, the timing protocol and the files holding the initial weights and
+the batches; the result holds the first call's time, each repeat's seconds per call, every call's loss, the device
+and the peak memory. JAX and PyTorch never share a process, so allocators and thread pools never meet.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def time_calls(call, sync, steps: int, warmup: int, repeats: int) -> tuple[float, list[float], list]:
+    """call(i) queues call i (on batch i) and returns its loss handle; sync() waits for everything queued.
+
+    Returns (first call's seconds, seconds per call of each repeat, every call's handle). The first call
+    (compilation, or an eager framework's first-touch work) is timed apart from the steady state.
+    """
+    outs = []
+    tick = time.perf_counter()
+    outs.append(call(0))
+    sync()
+    first = time.perf_counter() - tick
+    for i in range(1, 1 + warmup):
+        outs.append(call(i))
+    sync()
+    runs = []
+    for r in range(repeats):
+        tick = time.perf_counter()
+        for s in range(steps):
+            outs.append(call(1 + warmup + r * steps + s))
+        sync()
+        runs.append((time.perf_counter() - tick) / steps)
+    return first, runs, outs
+
+
+def n_calls(spec: dict) -> int:
+    return 1 + spec["warmup"] + spec["repeats"] * spec["steps"]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux's VmHWM belongs to this program alone; ru_maxrss would carry the forking parent's peak across exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if spec["mode"].startswith("torch"):
+        from gptjax.bench import torch_modes as impl
+    else:
+        from gptjax.bench import jax_modes as impl
+    result = impl.run(spec)
+    if result.get("peak_mem_bytes") is None:
+        result["peak_mem_bytes"], result["peak_mem_source"] = peak_rss_bytes(), "process peak RSS"
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

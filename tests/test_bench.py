@@ -1,0 +1,126 @@
+"""The benchmark harness: every mode trains the same model on the same batches, the records, sweeps, bad input.
+
+No test here asserts a time: the figures are benchmarks, recorded by commands, not checked by tests.
+"""
+
+import json
+import os
+
+import pytest
+from conftest import run_cli
+
+from gptjax import cli
+from gptjax.bench import flops, report
+from gptjax.config import ModelConfig
+
+ALL = "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile"
+
+
+def _bench(out, shakespeare, *args):
+    r = run_cli("bench", "--config=tiny", f"--input={shakespeare}", f"--out={out}", *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        return r.stdout, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def every_mode(tmp_path_factory, shakespeare):
+    out = str(tmp_path_factory.mktemp("bench-all"))
+    stdout, results = _bench(out, shakespeare, f"--modes={ALL}", "--steps=2", "--eager_steps=2", "--warmup=1",
+                             "--repeats=1")
+    return out, stdout, results
+
+
+def test_every_mode_trains_the_same_model(every_mode):
+    _, stdout, results = every_mode
+    records = results["records"]
+    assert [r["mode"] for r in records] == ALL.split(",")
+    assert all(r["error"] is None for r in records), [r["error"] for r in records]
+    # 4 train steps from the same weights on the same batches: the same losses in every mode and framework.
+    base = records[0]
+    assert base["loss_diff"] is None and 3.0 < base["loss"] < 4.5
+    for r in records[1:]:
+        assert r["loss_diff"] is not None and r["loss_diff"] < 1e-5, (r["mode"], r["loss_diff"])
+        assert abs(r["loss"] - base["loss"]) < 1e-5 and not r["loss_flag"]
+    assert {r["mode"]: r["devices"] for r in records}["jax_jit_dp"] == 2  # the tiny batch of 8 over both cores
+    assert {r["mode"]: r["detail"] for r in records}["torch_compile"].startswith("torch.compile (inductor")
+    for mode in ALL.split(","):  # one line per mode as it finished
+        assert sum(line.startswith(mode + " ") for line in stdout.splitlines()) == 1, mode
+
+
+def test_results_json_schema(every_mode):
+    out, _, results = every_mode
+    assert set(results) == {"command", "fields", "records"} and results["fields"] == report.FIELDS
+    for r in results["records"]:
+        assert set(r) == set(report.FIELDS), set(r) ^ set(report.FIELDS)
+        ms = r["step_ms"]
+        assert 0 < ms["min"] <= ms["median"] <= ms["max"] and len(ms["runs"]) == r["repeats"] == 1
+        assert r["tokens_per_step"] == 8 * 16 and r["tokens_per_sec"] == pytest.approx(128 / (ms["median"] / 1e3))
+        assert r["first_call_s"] > 0 and r["peak_mem_bytes"] > 10 * 2**20 and r["mfu"] is None  # none on a CPU
+        assert r["flops_per_token"] == flops.flops_per_token(ModelConfig(**r["config"]["model"]), r["params"])
+        assert r["shape"]["batch_size"] == 8 and r["dtype"] == "float32" and r["host"]["cores"] >= 1
+        assert r["steps"] == 2 and r["warmup"] == 1 and "python" in r["versions"]
+    torch_rec = results["records"][3]
+    assert torch_rec["threads"]["intra_op"] == torch_rec["host"]["cores"]  # torch threads = cores
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert md.count("| train |") == 5 and "vs jax_jit" in md and "1.00×" in md
+    with open(os.path.join(out, "results.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_forward_records_every_point(tmp_path, shakespeare):
+    stdout, results = _bench(str(tmp_path), shakespeare, "--modes=torch_eager,jax_jit,jax_jit_dp", "--workload=forward",
+                             "--sweep=batch_size:1,4", "--steps=2", "--warmup=0", "--repeats=2")
+    records = results["records"]
+    assert [(r["point"]["batch_size"], r["mode"]) for r in records] == [
+        (b, m) for b in (1, 4) for m in ("jax_jit", "torch_eager", "jax_jit_dp")]
+    for r in records:
+        assert r["workload"] == "forward" and r["shape"]["batch_size"] == r["point"]["batch_size"]
+        assert r["tokens_per_step"] == r["point"]["batch_size"] * 16
+        if r["mode"] != "jax_jit":  # the same weights and batches: the same eval loss
+            assert r["loss_diff"] < 1e-5, r
+    assert [r["devices"] for r in records if r["mode"] == "jax_jit_dp"] == [1, 2]  # batch 1 cannot be split
+    assert os.path.getsize(tmp_path / "results.png") > 1000
+
+
+def test_generate_workload(tmp_path, shakespeare):
+    _, results = _bench(str(tmp_path), shakespeare, "--modes=jax_jit,torch_eager", "--workload=generate",
+                        "--max_new_tokens=5", "--steps=1", "--warmup=0", "--repeats=2")
+    for r in results["records"]:
+        assert r["error"] is None and r["loss"] is None and r["loss_diff"] is None
+        assert r["tokens_per_step"] == 8 * 5 and r["tokens_per_sec"] > 0
+
+
+def test_mfu_uses_nanogpts_formula():
+    c = ModelConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    n = 123_653_376  # nanoGPT's GPT-2 124M with vocab 50304, without position embeddings
+    assert flops.flops_per_token(c, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12
+    assert flops.peak_flops("cpu", "float32") is None
+    tps = 100_000.0
+    assert flops.mfu("train", c, n, tps, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(
+        (6 * n + 12 * 12 * 12 * 64 * 1024) * tps / 989.4e12)
+    assert flops.mfu("forward", c, n, tps, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(
+        (6 * n + 12 * 12 * 12 * 64 * 1024) / 3 * tps / 989.4e12)
+    assert flops.mfu("train", c, n, tps, "cpu") is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--modes=jax_jit,torch_slow",), "torch_slow"),
+    (("--modes=",), "--modes"),
+    (("--workload=backward",), "--workload=backward"),
+    (("--sweep=dropout:0,1",), "--sweep=dropout:0,1"),
+    (("--sweep=batch_size:1,x",), "integers"),
+    (("--sweep=batch_size:0,4",), "at least 1"),
+    (("--steps=0",), "--steps=0"),
+    (("--steps=-1",), "--steps=-1"),
+    (("--repeats=two",), "--repeats=two"),
+    (("--sweep=n_embd:32,33",), "n_embd=33 is not divisible"),
+])
+def test_bad_bench_input_is_one_line(capsys, shakespeare, args, needle):
+    code = cli.main(["bench", "--config=tiny", f"--input={shakespeare}", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("gptjax: error:") and "\n" not in err and needle in err, err
