@@ -17,7 +17,7 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
   eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile]
            [--workload=train|forward|generate] [--steps=N] [--eager_steps=N] [--warmup=N] [--repeats=R]
-           [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
+           [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
   export   --out_dir=DIR --to=nanogpt FILE.pt [--force]
   import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 

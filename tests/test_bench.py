@@ -84,12 +84,16 @@ def test_sweep_forward_records_every_point(tmp_path, shakespeare):
     assert os.path.getsize(tmp_path / "results.png") > 1000
 
 
-def test_generate_workload(tmp_path, shakespeare):
-    _, results = _bench(str(tmp_path), shakespeare, "--modes=jax_jit,torch_eager", "--workload=generate",
-                        "--max_new_tokens=5", "--steps=1", "--warmup=0", "--repeats=2")
+def test_generate_workload_in_rounds(tmp_path, shakespeare):
+    stdout, results = _bench(str(tmp_path), shakespeare, "--modes=jax_jit,torch_eager", "--workload=generate",
+                             "--max_new_tokens=5", "--steps=1", "--warmup=0", "--repeats=2", "--rounds=2")
+    assert [r["mode"] for r in results["records"]] == ["jax_jit", "torch_eager"]
     for r in results["records"]:
         assert r["error"] is None and r["loss"] is None and r["loss_diff"] is None
         assert r["tokens_per_step"] == 8 * 5 and r["tokens_per_sec"] > 0
+        assert r["repeats"] == 4 and len(r["step_ms"]["runs"]) == 4  # two rounds of two repeats, pooled
+    turns = [line.split()[2] for line in stdout.splitlines() if line.strip().startswith("round ")]
+    assert turns == ["jax_jit:", "torch_eager:"] * 2  # in turn: A B A B
 
 
 def test_mfu_uses_nanogpts_formula():

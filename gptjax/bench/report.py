@@ -22,7 +22,7 @@ FIELDS = {
     "threads": "PyTorch's intra-op and inter-op threads; null for JAX",
     "steps": "timed calls per repeat",
     "warmup": "untimed calls after the first",
-    "repeats": "timed repeats",
+    "repeats": "timed repeats (over all rounds: with --rounds=R the modes ran R times in turn, repeats pooled)",
     "step_ms": "milliseconds per call: median, min and max over the repeats, and every repeat's figure (runs)",
     "tokens_per_step": "tokens one call processes (train: A x B x T; forward: B x T; generate: B x max_new_tokens)",
     "tokens_per_sec": "tokens_per_step / median step time",

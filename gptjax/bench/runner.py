@@ -37,6 +37,7 @@ class Options:
     sweep_values: tuple[int, ...] = ()
     out: str = ""  # directory for results.json / results.md / results.png; empty: print only
     max_new_tokens: int = 64  # generate: new tokens per sequence
+    rounds: int = 1  # the modes run this many times in turn (A B C A B C ...), their repeats pooled
 
 
 def _int(opts: dict, key: str, default: int, least: int) -> int:
@@ -80,7 +81,8 @@ def parse_options(opts: dict) -> Options:
     return Options(modes=tuple(dict.fromkeys(modes)), workload=workload, steps=steps,
                    eager_steps=_int(opts, "eager_steps", min(steps, 3), 1), warmup=_int(opts, "warmup", 2, 0),
                    repeats=_int(opts, "repeats", 5, 1), sweep_key=sweep_key, sweep_values=values,
-                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, 1))
+                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, 1),
+                   rounds=_int(opts, "rounds", 1, 1))
 
 
 def host_info() -> dict:
@@ -171,6 +173,18 @@ def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]
         return json.load(f), None
 
 
+def _pool(rounds: list[tuple[dict | None, str | None]]) -> tuple[dict | None, str | None]:
+    """One result from a mode's rounds: every repeat's time pooled, the median first call; any failure fails it."""
+    errors = [e for _, e in rounds if e]
+    if errors:
+        return None, errors[0]
+    res = dict(rounds[0][0])
+    res["step_s_runs"] = [s for r, _ in rounds for s in r["step_s_runs"]]
+    res["first_call_s"] = statistics.median(r["first_call_s"] for r, _ in rounds)
+    res["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r, _ in rounds)
+    return res, None
+
+
 def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, res: dict | None,
             error: str | None, base: dict | None, host: dict, steps: int) -> dict:
     c, t = config.model, config.train
@@ -179,7 +193,7 @@ def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, r
                shape={"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
                       "vocab_size": c.vocab_size, "batch_size": t.batch_size,
                       "gradient_accumulation_steps": t.gradient_accumulation_steps},
-               dtype="float32", host=host, steps=steps, warmup=o.warmup, repeats=o.repeats,
+               dtype="float32", host=host, steps=steps, warmup=o.warmup, repeats=o.repeats * o.rounds,
                flops_per_token=flops.flops_per_token(c, n_params), error=error, loss_flag=False,
                versions={"python": platform.python_version()})
     if res is None:
@@ -216,7 +230,7 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
     host = host_info()
     print(f"gptjax bench: {o.workload}, modes {', '.join(modes)}; {host['cpu']} ({host['cores']} cores, "
           f"{host['flags']}); first call + {o.warmup} warm-up + {o.repeats} x {o.steps} timed calls "
-          f"({o.eager_steps} for jax_eager)", flush=True)
+          f"({o.eager_steps} for jax_eager)" + (f", {o.rounds} rounds in turn" if o.rounds > 1 else ""), flush=True)
     records = []
     for point, pconfig in points:
         with tempfile.TemporaryDirectory(prefix="gptjax-bench-") as tmp:
@@ -225,13 +239,22 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
             print(f"{_point_text(point)}model: {c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}, "
                   f"vocab {c.vocab_size}, {n_params:,} params; {flops.flops_per_token(c, n_params):,} train "
                   "FLOPs/token (6N + 12*L*H*Q*T)", flush=True)
-            base = None
+            base, results = None, {m: [] for m in modes}
+            for r in range(o.rounds):
+                for mode in modes:
+                    steps = o.eager_steps if mode == "jax_eager" else o.steps
+                    spec = {"mode": mode, "workload": o.workload, "config": pconfig.to_dict(), "steps": steps,
+                            "warmup": o.warmup, "repeats": o.repeats, "max_new_tokens": o.max_new_tokens,
+                            "seed": pconfig.train.seed, **files}
+                    results[mode].append(_run_mode(mode, spec, tmp))
+                    if o.rounds > 1:
+                        res, error = results[mode][-1]
+                        print(f"  round {r + 1}/{o.rounds} {mode}: " + (
+                            f"{statistics.median(res['step_s_runs']) * 1e3:.2f} ms/step" if res else error),
+                            flush=True)
             for mode in modes:
                 steps = o.eager_steps if mode == "jax_eager" else o.steps
-                spec = {"mode": mode, "workload": o.workload, "config": pconfig.to_dict(), "steps": steps,
-                        "warmup": o.warmup, "repeats": o.repeats, "max_new_tokens": o.max_new_tokens,
-                        "seed": pconfig.train.seed, **files}
-                res, error = _run_mode(mode, spec, tmp)
+                res, error = _pool(results[mode])
                 if mode == "jax_jit" and res is not None:
                     base = {"mode": mode, "losses": res["losses"]}
                 rec = _record(mode, o, point, pconfig, n_params, res, error, base if mode != "jax_jit" else None,
