@@ -5,8 +5,10 @@
 
 Each variant is the jitted train step of `gptjax train` (data parallel over --devices XLA CPU devices) traced with
 one form of a layer: "before" is the model as it was (jax.nn.gelu(approximate=False), autodiff LayerNorm), the
-others switch one lever on at a time, "now" is gptjax.model as shipped. The variants run in turn, --steps steps a
-turn on distinct batches, so the drift of a shared machine falls on all alike; the median per step is printed.
+next two switch one shipped lever on at a time, "now" is gptjax.model as shipped, and the last ones are levers
+tried on top of it and not kept (the config must have no dropout: the attention variants leave it out).
+The variants run in turn, --steps steps a turn on distinct batches, so the drift of a shared machine falls on all
+alike; the median per step is printed.
 Every variant computes the same function: the losses after the run are printed beside the times.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -43,22 +46,57 @@ def autodiff_layer_norm(self, x_BTD):
     return y if self.bias is None else y + self.bias[...]
 
 
+def one_pass_layer_norm(self, x_BTD):
+    """var = E[x²] - E[x]²: one reduction pass fewer, less accurate."""
+    mean = x_BTD.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x_BTD).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = (x_BTD - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...]
+    return y if self.bias is None else y + self.bias[...]
+
+
+def attention(layout: str):
+    """Causal self-attention (no dropout) with heads-major q/k/v, or through jax.nn.dot_product_attention."""
+    def call(self, x_BTD, key=None):
+        B, T, D = x_BTD.shape
+        H, K = self.n_head, D // self.n_head
+        qkv = self.c_attn(x_BTD).reshape(B, T, 3, H, K)
+        if layout == "dpa":
+            y_BTHK = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True,
+                                                  implementation="xla")
+            return self.c_proj(y_BTHK.reshape(B, T, D))
+        q_BHTK, k_BHTK, v_BHTK = qkv.transpose(2, 0, 3, 1, 4)
+        att_BHTT = (q_BHTK @ jnp.swapaxes(k_BHTK, -1, -2)) * (1.0 / math.sqrt(K))
+        att_BHTT = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), att_BHTT, -jnp.inf), axis=-1)
+        return self.c_proj((att_BHTT @ v_BHTK).transpose(0, 2, 1, 3).reshape(B, T, D))
+    return call
+
+
 @contextlib.contextmanager
-def lever(gelu_erfc: bool, autodiff_ln: bool):
-    """The model with the old GELU and/or LayerNorm forms while a variant is traced."""
-    saved = model.gelu, model.LayerNorm.__call__
-    if gelu_erfc:
-        model.gelu = lambda x: jax.nn.gelu(x, approximate=False)
-    if autodiff_ln:
-        model.LayerNorm.__call__ = autodiff_layer_norm
+def lever(gelu=None, layer_norm=None, attn=None):
+    """The model with other forms of GELU / LayerNorm / attention while a variant is traced."""
+    saved = model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__
+    model.gelu = gelu or model.gelu
+    model.LayerNorm.__call__ = layer_norm or model.LayerNorm.__call__
+    model.CausalSelfAttention.__call__ = attn or model.CausalSelfAttention.__call__
     try:
         yield
     finally:
-        model.gelu, model.LayerNorm.__call__ = saved
+        model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__ = saved
 
 
-VARIANTS = {"before (erfc GELU, autodiff LayerNorm)": (True, True), "erf GELU only": (False, True),
-            "LayerNorm VJP only": (True, False), "now (both)": (False, False)}
+def erfc_gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+VARIANTS = {
+    "before (erfc GELU, autodiff LayerNorm)": dict(gelu=erfc_gelu, layer_norm=autodiff_layer_norm),
+    "erf GELU only": dict(layer_norm=autodiff_layer_norm),
+    "LayerNorm VJP only": dict(gelu=erfc_gelu),
+    "now (both)": {},
+    "now + one-pass LayerNorm variance": dict(layer_norm=one_pass_layer_norm),
+    "now + heads-major attention": dict(attn=attention("heads_major")),
+    "now + jax.nn.dot_product_attention": dict(attn=attention("dpa")),
+}
 
 config = load_config(args.config, {"input": args.input})
 config, prep, graphdef, params, tx = setup(config)
@@ -71,7 +109,7 @@ batches = [tuple(jax.device_put(a.reshape(A, B, T), parallel.batch_sharding(mesh
 key = jax.random.PRNGKey(t.seed)
 runs = {}
 for name, flags in VARIANTS.items():
-    with lever(*flags):
+    with lever(**flags):
         fn = make_train_step(graphdef, tx, t, mesh)
         fresh = jax.tree.map(jnp.copy, params)  # each variant donates its own buffers
         state = jax.device_put(init_state(fresh, tx), parallel.replicated(mesh))

@@ -119,7 +119,7 @@ def main() -> None:
         with open(os.path.join(out, "sweep", "results.md")) as f:
             sections.append(f"## Sweep over batch size\n\n![sweep](xla_vs_eager_{args.name}/sweep/results.png)\n\n"
                             + f.read())
-    if args.nanogpt:
+    if args.nanogpt and args.config == "shakespeare_char_cpu":  # the settings NANOGPT_CPU gives nanoGPT
         w = whole_process(args, 1 if args.quick else args.runs)
         g, n = statistics.median(w["times"]["gptjax"]), statistics.median(w["times"]["nanogpt"])
         goals += (f"- whole process, {args.config}: `gptjax train` {g:.1f} s vs nanoGPT's `train.py` {n:.1f} s "

@@ -84,7 +84,8 @@ def _jax_category(name: str, inst: dict) -> str:
         return "matmul"
     if any(f.startswith(OPTIMIZER_FUNCS) for f in fns):
         return "AdamW + clipping"
-    for key, cat in (("cross_entropy", "cross-entropy"), ("LayerNorm", "LayerNorm"), ("MLP", "GELU (MLP elementwise)"),
+    for key, cat in (("cross_entropy", "cross-entropy"), ("LayerNorm", "LayerNorm"), ("layer_norm", "LayerNorm"),
+                     ("gelu", "GELU (MLP elementwise)"), ("MLP", "GELU (MLP elementwise)"),
                      ("CausalSelfAttention", "attention softmax / mask / reshapes"), ("Embedding", "embedding"),
                      ("Block", "residual adds")):
         if any(key in f for f in fns):
