@@ -96,8 +96,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats, no sweep: a smoke run")
     args = p.parse_args()
-    out = os.path.join(RESULTS, f"xla_vs_eager_{args.name}")
-    steps, repeats = (["--steps=5", "--repeats=2"] if args.quick else ["--steps=50", "--repeats=5"])
+    out = os.path.relpath(os.path.join(RESULTS, f"xla_vs_eager_{args.name}"))
+    steps = ["--steps=5", "--repeats=2"] if args.quick else ["--steps=50", "--repeats=5", "--rounds=2"]
     sections = []
     _, train = bench(args, os.path.join(out, "train"), f"--modes={ALL_MODES}", *steps, "--eager_steps=2")
     bench(args, os.path.join(out, "forward"), f"--modes={ALL_MODES}", "--workload=forward", *steps,

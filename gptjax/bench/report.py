@@ -100,7 +100,8 @@ def markdown(records: list[dict], command: str) -> str:
                  {k: v for r in ok for k, v in r["versions"].items()}.items())) + ".",
              f"Each mode ran in its own process: a first call, {head['warmup']} warm-up call(s), then "
              f"{head['repeats']} repeats of the timed calls (steps per repeat in results.json); "
-             "'vs jax_jit' is the throughput ratio at the same point.", ""]
+             "'vs jax_jit' is the throughput ratio at the same point; loss is the last call's (jax_eager makes "
+             "fewer calls), Δ the largest difference from jax_jit over the calls both made.", ""]
     threads = [r["threads"] for r in ok if r["threads"]]
     if threads:
         notes.insert(-1, f"PyTorch threads: {threads[0]['intra_op']} intra-op, {threads[0]['inter_op']} inter-op.")

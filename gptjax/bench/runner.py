@@ -112,9 +112,14 @@ def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
     return points
 
 
-def _env(mode: str) -> dict:
-    """jax_jit and jax_eager see one XLA CPU device; jax_jit_dp one per core (or XLA_FLAGS' own count)."""
+def _env(mode: str, tmp: str) -> dict:
+    """jax_jit and jax_eager see one XLA CPU device; jax_jit_dp one per core (or XLA_FLAGS' own count).
+
+    Every torch_compile process gets an empty inductor cache, so its first call is a cold compile, as JAX's is.
+    """
     env = dict(os.environ)
+    if mode == "torch_compile":
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=tmp)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICES_FLAG)]
     if mode in ("jax_jit", "jax_eager"):
         flags.append(f"{HOST_DEVICES_FLAG}=1")
@@ -165,7 +170,7 @@ def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
-                          env=_env(mode), capture_output=True, text=True)
+                          env=_env(mode, tmp), capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(result_path):
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         return None, (lines[-1] if lines else f"exit status {proc.returncode}")[:300]
