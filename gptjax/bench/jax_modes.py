@@ -90,7 +90,8 @@ def run(spec: dict) -> dict:
         jax.block_until_ready(pending)
 
     with jax.disable_jit() if eager else contextlib.nullcontext():
-        first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"])
+        first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"],
+                                         sync_each=workload != "train")
     dev = jax.devices()[0]
     stats = [d.memory_stats() or {} for d in devices]
     peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or None

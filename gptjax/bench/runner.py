@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -172,8 +173,9 @@ def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]
     proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
                           env=_env(mode, tmp), capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(result_path):
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        return None, (lines[-1] if lines else f"exit status {proc.returncode}")[:300]
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        fatal = [ln for ln in lines if re.match(r"(F\d{4} |\w*Error\b|Check failed)", ln)]
+        return None, ((fatal or lines or [f"exit status {proc.returncode}"])[-1])[:300]
     with open(result_path) as f:
         return json.load(f), None
 

@@ -99,7 +99,8 @@ def run(spec: dict) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"])
+    first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"],
+                                         sync_each=workload != "train")
     return {
         "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
         "losses": None if workload == "generate" else [float(o) for o in outs],

@@ -13,25 +13,33 @@ import sys
 import time
 
 
-def time_calls(call, sync, steps: int, warmup: int, repeats: int) -> tuple[float, list[float], list]:
+def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: bool = False):
     """call(i) queues call i (on batch i) and returns its loss handle; sync() waits for everything queued.
 
     Returns (first call's seconds, seconds per call of each repeat, every call's handle). The first call
-    (compilation, or an eager framework's first-touch work) is timed apart from the steady state.
+    (compilation, or an eager framework's first-touch work) is timed apart from the steady state. Train steps
+    depend on each other; independent calls (forward, generate) are waited for one by one with sync_each, as an
+    evaluation loop reads each result (and XLA:CPU's collectives can deadlock with many executions in flight).
     """
     outs = []
+
+    def one(i):
+        outs.append(call(i))
+        if sync_each:
+            sync()
+
     tick = time.perf_counter()
-    outs.append(call(0))
+    one(0)
     sync()
     first = time.perf_counter() - tick
     for i in range(1, 1 + warmup):
-        outs.append(call(i))
+        one(i)
     sync()
     runs = []
     for r in range(repeats):
         tick = time.perf_counter()
         for s in range(steps):
-            outs.append(call(1 + warmup + r * steps + s))
+            one(1 + warmup + r * steps + s)
         sync()
         runs.append((time.perf_counter() - tick) / steps)
     return first, runs, outs
