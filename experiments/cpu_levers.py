@@ -72,16 +72,17 @@ def attention(layout: str):
 
 
 @contextlib.contextmanager
-def lever(gelu=None, layer_norm=None, attn=None):
-    """The model with other forms of GELU / LayerNorm / attention while a variant is traced."""
-    saved = model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__
+def lever(gelu=None, layer_norm=None, attn=None, linear=None):
+    """The model with other forms of GELU / LayerNorm / attention / linear while a variant is traced."""
+    saved = model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__, model.linear
     model.gelu = gelu or model.gelu
     model.LayerNorm.__call__ = layer_norm or model.LayerNorm.__call__
     model.CausalSelfAttention.__call__ = attn or model.CausalSelfAttention.__call__
+    model.linear = linear or model.linear
     try:
         yield
     finally:
-        model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__ = saved
+        model.gelu, model.LayerNorm.__call__, model.CausalSelfAttention.__call__, model.linear = saved
 
 
 def erfc_gelu(x):
@@ -96,6 +97,7 @@ VARIANTS = {
     "now + one-pass LayerNorm variance": dict(layer_norm=one_pass_layer_norm),
     "now + heads-major attention": dict(attn=attention("heads_major")),
     "now + jax.nn.dot_product_attention": dict(attn=attention("dpa")),
+    "now, autodiff x @ w (no custom-VJP linear)": dict(linear=lambda x, w: x @ w),
 }
 
 config = load_config(args.config, {"input": args.input})
