@@ -74,7 +74,9 @@ def whole_process(args, runs: int) -> dict:
             times["nanogpt"].append(time.perf_counter() - tick)
             assert r.returncode == 0, r.stderr[-2000:]
             losses["nanogpt"].append(float(re.findall(r"val loss ([\d.]+)", r.stdout)[-1]))
+    head = subprocess.run(["git", "-C", args.nanogpt, "log", "-1", "--format=%H %cs"], capture_output=True, text=True)
     return {"times": times, "losses": losses, "gptjax_cmd": sh(gptjax_cmd + ["--out_dir=DIR"]),
+            "nano_commit": head.stdout.strip() if head.returncode == 0 else "unknown (not a git checkout)",
             "nano_cmd": "cd nanoGPT && python " + sh(["train.py", *NANOGPT_CPU, "--out_dir=DIR"])}
 
 
@@ -126,7 +128,7 @@ def main() -> None:
                   f"(median of {len(w['times']['gptjax'])}): **{n / g:.2f}×** (goal ≥ 1.0×)\n")
         sections.append(
             "## The whole training process\n\nFresh processes, alternating, wall clock (imports, data, compilation, "
-            "evaluation, checkpoints and the closing sample included):\n\n"
+            f"evaluation, checkpoints and the closing sample included); nanoGPT at commit {w['nano_commit']}:\n\n"
             f"- `{w['gptjax_cmd']}`: {', '.join(f'{t:.1f}' for t in w['times']['gptjax'])} s; final val loss "
             f"{', '.join(f'{v:.4f}' for v in w['losses']['gptjax'])}\n"
             f"- `{w['nano_cmd']}`: {', '.join(f'{t:.1f}' for t in w['times']['nanogpt'])} s; final val loss "

@@ -129,3 +129,13 @@ def test_bad_bench_input_is_one_line(capsys, shakespeare, args, needle):
     code = cli.main(["bench", "--config=tiny", f"--input={shakespeare}", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("gptjax: error:") and "\n" not in err and needle in err, err
+
+
+def test_without_torch_the_default_modes_are_jax_only(monkeypatch):
+    from gptjax.bench import runner
+    from gptjax.errors import UserError
+
+    monkeypatch.setattr(runner.util, "find_spec", lambda name: None)
+    assert runner.parse_options({}).modes == ("jax_jit", "jax_jit_dp", "jax_eager")
+    with pytest.raises(UserError, match="need PyTorch"):
+        runner.parse_options({"modes": "jax_jit,torch_eager"})

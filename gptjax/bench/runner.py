@@ -56,12 +56,14 @@ def _int(opts: dict, key: str, default: int, least: int) -> int:
 
 def parse_options(opts: dict) -> Options:
     """Take bench's own options out of opts (the rest are config overrides); bad values are UserErrors."""
-    modes = tuple(m.strip() for m in opts.pop("modes", ",".join(MODES)).split(",") if m.strip())
+    have_torch = util.find_spec("torch") is not None
+    default = ",".join(m for m in MODES if have_torch or not m.startswith("torch"))  # named torch modes need it
+    modes = tuple(m.strip() for m in opts.pop("modes", default).split(",") if m.strip())
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise UserError(f"--modes: unknown mode {bad[0] if bad else '(none)'!r}; use a comma-separated list of "
                         f"{', '.join(MODES)}")
-    if any(m.startswith("torch") for m in modes) and util.find_spec("torch") is None:
+    if any(m.startswith("torch") for m in modes) and not have_torch:
         raise UserError("the torch_* modes need PyTorch: pip install 'gptjax[torch]', or pass --modes=jax_jit,...")
     workload = opts.pop("workload", "train")
     if workload not in WORKLOADS:
