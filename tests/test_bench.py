@@ -93,8 +93,9 @@ def test_generate_workload_in_rounds(tmp_path, shakespeare):
         assert r["error"] is None and r["loss"] is None and r["loss_diff"] is None
         assert r["tokens_per_step"] == 8 * 5 and r["tokens_per_sec"] > 0
         assert r["repeats"] == 4 and len(r["step_ms"]["runs"]) == 4  # two rounds of two repeats, pooled
-    turns = [line.split()[2] for line in stdout.splitlines() if line.strip().startswith("round ")]
-    assert turns == ["jax_jit:", "torch_eager:"] * 2  # in turn: A B A B
+    turns = [line.split()[0] if not line.startswith("  round") else line.split()[2].rstrip(":")
+             for line in stdout.splitlines() if line.startswith(("  round", "jax_jit ", "torch_eager "))]
+    assert turns == ["jax_jit", "torch_eager"] * 2  # in turn, A B A B; each record printed as its last round ends
 
 
 def test_mfu_uses_nanogpts_formula():

@@ -256,20 +256,20 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
                             "warmup": o.warmup, "repeats": o.repeats, "max_new_tokens": o.max_new_tokens,
                             "seed": pconfig.train.seed, **files}
                     results[mode].append(_run_mode(mode, spec, tmp))
-                    if o.rounds > 1:
+                    if r + 1 < o.rounds:
                         res, error = results[mode][-1]
                         print(f"  round {r + 1}/{o.rounds} {mode}: " + (
                             f"{statistics.median(res['step_s_runs']) * 1e3:.2f} ms/step" if res else error),
                             flush=True)
-            for mode in modes:
-                steps = o.eager_steps if mode == "jax_eager" else o.steps
-                res, error = _pool(results[mode])
-                if mode == "jax_jit" and res is not None:
-                    base = {"mode": mode, "losses": res["losses"]}
-                rec = _record(mode, o, point, pconfig, n_params, res, error, base if mode != "jax_jit" else None,
-                              host, steps)
-                records.append(rec)
-                print(report.line(rec), flush=True)
+                        continue
+                    # The last round: the mode's record, from every round, printed as soon as it finishes.
+                    res, error = _pool(results[mode])
+                    if mode == "jax_jit" and res is not None:
+                        base = {"mode": mode, "losses": res["losses"]}
+                    rec = _record(mode, o, point, pconfig, n_params, res, error,
+                                  base if mode != "jax_jit" else None, host, steps)
+                    records.append(rec)
+                    print(report.line(rec), flush=True)
     if o.out:
         paths = report.write(records, o.out, command)
         print(f"wrote {', '.join(paths)}")
