@@ -10,6 +10,11 @@ import os
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def use_all_cores() -> None:
     """On a CPU host, expose one XLA device per core so a data-parallel step runs its shards side by side.
 
@@ -17,8 +22,7 @@ def use_all_cores() -> None:
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if HOST_DEVICES_FLAG not in flags:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={cores}".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={cores()}".strip()
 
 
 def data_mesh(batch_size: int, devices=None):

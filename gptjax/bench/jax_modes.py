@@ -30,7 +30,7 @@ def run(spec: dict) -> dict:
     eager = mode == "jax_eager"
     devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
     graphdef, params = load_params(c, spec["params"])
-    n = n_calls(spec)
+    n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
     A, B, T = x_NABT.shape[1:]
     pending = {}

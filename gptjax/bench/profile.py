@@ -13,7 +13,6 @@ import collections
 import glob
 import gzip
 import json
-import os
 import re
 import sys
 import tempfile
@@ -135,30 +134,24 @@ def profile_torch(config, steps: int) -> str:
     import torch
 
     from gptjax import data
-    from gptjax.reference.nanogpt import GPT, configure_optimizers
+    from gptjax.parallel import cores
+    from gptjax.reference.nanogpt import GPT, configure_optimizers, train_step
     from gptjax.train import setup
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(cores())
     config, prep, _, _, _ = setup(config)
     c, t = config.model, config.train
     twin = GPT(c)
     opt = configure_optimizers(twin, t, foreach=None)
-    batches = [tuple(torch.from_numpy(a.astype(np.int64)) for a in data.get_batch(
-        prep.tokens("train"), t.batch_size, c.block_size, t.seed, i)) for i in range(steps + 10)]
-
-    def step(x, y):
-        _, loss = twin(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(twin.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for x, y in batches[:10]:
-        step(x, y)
+    A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
+    batches = [tuple(torch.from_numpy(a.astype(np.int64).reshape(A, B, T)) for a in data.get_batch(
+        prep.tokens("train"), A * B, T, t.seed, i)) for i in range(steps + 10)]
+    for i, (x, y) in enumerate(batches[:10]):
+        train_step(twin, opt, x, y, i, t)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         tick = time.perf_counter()
-        for x, y in batches[10:]:
-            step(x, y)
+        for i, (x, y) in enumerate(batches[10:], 10):
+            train_step(twin, opt, x, y, i, t)
         wall = (time.perf_counter() - tick) / steps * 1e3
     ms = collections.Counter()
     for e in prof.key_averages():

@@ -17,13 +17,14 @@ from importlib import util
 import numpy as np
 
 from gptjax.bench import flops, report
+from gptjax.bench.worker import n_calls
 from gptjax.config import Config, override, validate
 from gptjax.errors import UserError
+from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
 MODES = ("jax_jit", "jax_jit_dp", "jax_eager", "torch_eager", "torch_compile")
 WORKLOADS = ("train", "forward", "generate")
 SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +101,7 @@ def host_info() -> dict:
                  if f in all_flags]
     except (OSError, StopIteration, KeyError):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"cpu": cpu, "flags": " ".join(flags) or "unknown", "cores": cores, "machine": platform.machine()}
+    return {"cpu": cpu, "flags": " ".join(flags) or "unknown", "cores": cores(), "machine": platform.machine()}
 
 
 def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
@@ -127,7 +127,7 @@ def _env(mode: str, tmp: str) -> dict:
     if mode in ("jax_jit", "jax_eager"):
         flags.append(f"{HOST_DEVICES_FLAG}=1")
     elif HOST_DEVICES_FLAG not in env.get("XLA_FLAGS", ""):
-        flags.append(f"{HOST_DEVICES_FLAG}={host_info()['cores']}")
+        flags.append(f"{HOST_DEVICES_FLAG}={cores()}")
     else:
         flags = env["XLA_FLAGS"].split()
     env["XLA_FLAGS"] = " ".join(flags)
@@ -147,7 +147,7 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config,
 
     config, prep, graphdef, params, _ = setup(config)
     c, t = config.model, config.train
-    n = 1 + o.warmup + o.repeats * o.steps
+    n = n_calls(o.steps, o.warmup, o.repeats)  # jax_eager takes the first of these (it makes fewer calls)
     x, y = data.get_batch(prep.tokens("train"), n * t.gradient_accumulation_steps * t.batch_size, c.block_size,
                           t.seed, 0)
     shape = (n, t.gradient_accumulation_steps, t.batch_size, c.block_size)

@@ -3,7 +3,6 @@ torch.compile (torch_compile: inductor, default mode)."""
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 
 import numpy as np
@@ -11,13 +10,10 @@ import torch
 
 from gptjax.bench.worker import n_calls, time_calls
 from gptjax.config import Config
-from gptjax.reference.nanogpt import GPT, configure_optimizers, get_lr, next_token_probs
+from gptjax.parallel import cores
+from gptjax.reference.nanogpt import GPT, configure_optimizers, next_token_probs, train_step
 
 COMPILE_MODE = "inductor, mode=default"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @torch.no_grad()
@@ -44,7 +40,7 @@ def run(spec: dict) -> dict:
     twin.load_state_dict(torch.load(spec["torch_state"], weights_only=True))
     twin.to(device)
     net = torch.compile(twin) if spec["mode"] == "torch_compile" else twin
-    n = n_calls(spec)
+    n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT = torch.from_numpy(np.load(spec["x"])[:n].astype(np.int64)).to(device)
     y_NABT = torch.from_numpy(np.load(spec["y"])[:n].astype(np.int64)).to(device)
     A, B, T = x_NABT.shape[1:]
@@ -57,19 +53,7 @@ def run(spec: dict) -> dict:
         twin.train()
 
         def call(i):
-            lr = get_lr(i, t)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            total = torch.zeros((), device=device)
-            for a in range(A):
-                _, loss = net(x_NABT[i, a], y_NABT[i, a])
-                (loss / A).backward()
-                total += loss.detach()
-            if t.grad_clip != 0.0:
-                torch.nn.utils.clip_grad_norm_(twin.parameters(), t.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total / A
+            return train_step(twin, opt, x_NABT[i], y_NABT[i], i, t, forward=net)
 
         tokens_per_call = A * B * T
     elif workload == "forward":

@@ -45,8 +45,9 @@ def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: boo
     return first, runs, outs
 
 
-def n_calls(spec: dict) -> int:
-    return 1 + spec["warmup"] + spec["repeats"] * spec["steps"]
+def n_calls(steps: int, warmup: int, repeats: int) -> int:
+    """Calls time_calls makes, so batches for each of them can be made in advance."""
+    return 1 + warmup + repeats * steps
 
 
 def peak_rss_bytes() -> int:

@@ -159,20 +159,23 @@ def get_lr(it: int, t: TrainConfig) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_ABT, y_ABT, it: int, t: TrainConfig) -> float:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_ABT, y_ABT, it: int, t: TrainConfig,
+               forward: nn.Module | None = None) -> torch.Tensor:
     """One optimizer step as nanoGPT's loop takes it: set the lr, accumulate A micro-batches, clip, step.
 
-    Returns the mean micro-batch loss.
+    forward (e.g. torch.compile(model)) runs the micro-batches in model's place. Returns the mean micro-batch
+    loss as a tensor, so that the caller decides when to wait for it.
     """
+    forward = model if forward is None else forward
     lr = get_lr(it, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     A = x_ABT.shape[0]
-    total = 0.0
+    total = torch.zeros((), device=x_ABT.device)
     for a in range(A):
-        _, loss = model(x_ABT[a], y_ABT[a])
+        _, loss = forward(x_ABT[a], y_ABT[a])
         (loss / A).backward()
-        total += loss.item()
+        total += loss.detach()
     if t.grad_clip != 0.0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
     optimizer.step()

@@ -89,7 +89,7 @@ def jax_steps(step_fn, state, tokens, config: Config, start: int, steps: int):
 
 def torch_steps(tm, opt, tokens, config: Config, start: int, steps: int) -> list[float]:
     """Losses of nanoGPT's loop over the same steps and batches."""
-    return [torch_train_step(tm, opt, *map(_t, _batch(tokens, config, it)), it, config.train)
+    return [float(torch_train_step(tm, opt, *map(_t, _batch(tokens, config, it)), it, config.train))
             for it in range(start, start + steps)]
 
 
