@@ -180,6 +180,7 @@ TAKES_FILE = ("export", "import")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parallel.use_all_cores()
+    parallel.reuse_freed_memory()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

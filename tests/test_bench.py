@@ -5,6 +5,7 @@ No test here asserts a time: the figures are benchmarks, recorded by commands, n
 
 import json
 import os
+import sys
 
 import pytest
 from conftest import run_cli
@@ -60,11 +61,14 @@ def test_results_json_schema(every_mode):
         assert r["flops_per_token"] == flops.flops_per_token(ModelConfig(**r["config"]["model"]), r["params"])
         assert r["shape"]["batch_size"] == 8 and r["dtype"] == "float32" and r["host"]["cores"] >= 1
         assert r["steps"] == 2 and r["warmup"] == 1 and "python" in r["versions"]
+        # every mode's process gets the malloc settings every gptjax command applies
+        assert r["malloc"] == ("reuse_freed_memory" if sys.platform.startswith("linux") else "default")
     torch_rec = results["records"][3]
     assert torch_rec["threads"]["intra_op"] == torch_rec["host"]["cores"]  # torch threads = cores
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     assert md.count("| train |") == 5 and "vs jax_jit" in md and "1.00×" in md
+    assert "Host malloc: reuse_freed_memory" in md or not sys.platform.startswith("linux")
     with open(os.path.join(out, "results.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -165,12 +165,25 @@ def main(argv: list[str]) -> int:
     from gptjax import parallel
     from gptjax.cli import parse
     from gptjax.config import load_config
+    from gptjax.errors import UserError
 
     parallel.use_all_cores()
+    parallel.reuse_freed_memory()
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     opts, _ = parse(argv)
     framework = opts.pop("framework", "jax")
-    steps = int(opts.pop("steps", "20"))
-    config = load_config(opts.pop("config", "shakespeare_char_cpu"), opts)
+    try:
+        raw_steps = opts.pop("steps", "20")
+        steps = int(raw_steps) if raw_steps.isdigit() else 0
+        if framework not in ("jax", "torch") or steps < 1:
+            raise UserError(f"--framework must be jax or torch and --steps a whole number >= 1 "
+                            f"(got --framework={framework} --steps={raw_steps})")
+        config = load_config(opts.pop("config", "shakespeare_char_cpu"), opts)
+    except UserError as e:
+        print(f"gptjax.bench.profile: error: {e}", file=sys.stderr)
+        return 2
     print(profile_jax(config, steps) if framework == "jax" else profile_torch(config, steps))
     return 0
 

@@ -19,6 +19,7 @@ FIELDS = {
     "dtype": "parameter and compute dtype",
     "host": "cpu model and flags, cores",
     "versions": "python and the framework packages the mode imported",
+    "malloc": "reuse_freed_memory (glibc keeps freed step buffers, as every gptjax command does) or default",
     "threads": "PyTorch's intra-op and inter-op threads; null for JAX",
     "steps": "timed calls per repeat",
     "warmup": "untimed calls after the first",
@@ -102,6 +103,9 @@ def markdown(records: list[dict], command: str) -> str:
              f"{head['repeats']} repeats of the timed calls (steps per repeat in results.json); "
              "'vs jax_jit' is the throughput ratio at the same point; loss is the last call's (jax_eager makes "
              "fewer calls), Δ the largest difference from jax_jit over the calls both made.", ""]
+    mallocs = sorted({r["malloc"] for r in ok if r.get("malloc")})
+    if mallocs:
+        notes.insert(-1, f"Host malloc: {', '.join(mallocs)} (see gptjax.parallel.reuse_freed_memory).")
     threads = [r["threads"] for r in ok if r["threads"]]
     if threads:
         notes.insert(-1, f"PyTorch threads: {threads[0]['intra_op']} intra-op, {threads[0]['inter_op']} inter-op.")

@@ -211,7 +211,7 @@ def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, r
     median = statistics.median(runs_ms)
     tps = res["tokens_per_call"] / (median / 1e3)
     rec.update(detail=res["detail"], device=res["device"], devices=res["devices"], threads=res["threads"],
-               versions={**rec["versions"], **res["versions"]},
+               malloc=res.get("malloc"), versions={**rec["versions"], **res["versions"]},
                step_ms={"median": median, "min": min(runs_ms), "max": max(runs_ms), "runs": runs_ms},
                tokens_per_step=res["tokens_per_call"], tokens_per_sec=tps, first_call_s=res["first_call_s"],
                mfu=flops.mfu(o.workload, c, n_params, tps, res["device"]),

@@ -65,6 +65,9 @@ def peak_rss_bytes() -> int:
 
 
 def main(argv: list[str]) -> int:
+    from gptjax import parallel
+
+    malloc = "reuse_freed_memory" if parallel.reuse_freed_memory() else "default"
     spec_path, result_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
@@ -75,6 +78,7 @@ def main(argv: list[str]) -> int:
     result = impl.run(spec)
     if result.get("peak_mem_bytes") is None:
         result["peak_mem_bytes"], result["peak_mem_source"] = peak_rss_bytes(), "process peak RSS"
+    result["malloc"] = malloc
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0
