@@ -6,6 +6,7 @@ import json
 import sys
 
 from gptjax import parallel
+from gptjax.config import check_range
 from gptjax.errors import UserError
 
 USAGE = """usage: gptjax COMMAND [--key=value ...]
@@ -24,6 +25,9 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
 presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
 Config keys use nanoGPT's names (batch_size, block_size, n_layer, learning_rate, ...).
 """
+
+
+DEFAULT_CONFIG = "shakespeare_char_cpu"
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -65,7 +69,7 @@ def _only(opts: dict, allowed: tuple[str, ...], command: str) -> None:
 def _config(opts: dict):
     from gptjax.config import load_config
 
-    return load_config(opts.pop("config", "shakespeare_char_cpu"), opts)
+    return load_config(opts.pop("config", DEFAULT_CONFIG), opts)
 
 
 def cmd_prepare(opts, pos):
@@ -78,11 +82,20 @@ def cmd_prepare(opts, pos):
 
 
 def cmd_train(opts, pos):
-    from gptjax import sample, train
+    from gptjax import checkpoint, sample, train
 
     force = _take(opts, "force", bool, False)
-    config = _config(opts)
+    if opts.get("init_from") == "resume":  # the run's saved settings; only what is passed here changes
+        preset = opts.pop("config", DEFAULT_CONFIG)
+        config, changes = train.resume_config(opts, _config({"config": preset}).train.out_dir)
+        print(f"resume: {config.train.out_dir}'s saved settings" + (f" (--config={preset} is not applied)"
+              if preset != DEFAULT_CONFIG else "") + ("; changed: " + ", ".join(changes) if changes else ""))
+    else:
+        config = _config(opts)
     summary = train.train(config, force=force, progress=True)
+    if not checkpoint.exists(summary["out_dir"], "latest"):
+        print("no checkpoint yet (no steps trained), so no sample")
+        return
     print("sample:")
     print(sample.sample(summary["out_dir"], max_new_tokens=300)[0])
 
@@ -110,7 +123,9 @@ def cmd_eval(opts, pos):
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""))
+    batch_size = _take(opts, "batch_size", int, 0)
+    check_range("eval_batch_size", batch_size, "batch_size")
+    r = train.evaluate(out_dir, split, batch_size, _take(opts, "input", str, ""))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 

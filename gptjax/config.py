@@ -149,8 +149,8 @@ def _parse(key: str, raw, typ: type):
         return raw
     if isinstance(raw, str):
         try:
-            value = json.loads(raw.lower() if typ is bool else raw)
-        except json.JSONDecodeError:
+            value = float(raw) if typ is float else json.loads(raw.lower() if typ is bool else raw)
+        except ValueError:  # json.JSONDecodeError is a ValueError
             raise UserError(f"--{key}={raw} is not a valid {typ.__name__}") from None
     else:
         value = raw
@@ -173,6 +173,31 @@ def override(config: Config, overrides: dict) -> Config:
         section, typ = types[key]
         changes[section][key] = _parse(key, raw, typ)
     return Config(**{s: dataclasses.replace(getattr(config, s), **changes[s]) for s in SECTIONS})
+
+
+# What a resumed run cannot change: the model's shape and the tokenization its weights were trained on.
+FIXED_ON_RESUME = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights",
+                   "dataset", "tokenizer")
+
+
+def resumed(saved: Config, overrides: dict, where: str = "the run") -> tuple[Config, list[str]]:
+    """A saved run's config with only the settings the user passed changed; (config, "key: old -> new" lines).
+
+    An override that contradicts the saved model or tokenization is refused, naming the field and both values.
+    """
+    config = override(saved, overrides)
+    types, changes = field_types(), []
+    for key in overrides:
+        section = types[key][0]
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old == new:
+            continue
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"--{key}={new} contradicts {where}'s {key}={old}: a resumed run keeps its model and "
+                            "tokenizer; drop --" + key + " or train a new run in another --out_dir")
+        changes.append(f"{key}: {old} -> {new}")
+    validate(config)
+    return config, changes
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
@@ -207,23 +232,55 @@ def _from_file(path: str) -> Config:
     return override(PRESETS[base](), flat)
 
 
+INT_MAX = 2**31 - 1  # steps and sizes live in int32 on the device
+# Every numeric setting's range, for every command: (low, high, low_open, high_open); None is unbounded.
+# Config keys first, then the options of sample, eval and bench. NaN is outside every range.
+RANGES = {
+    "vocab_size": (0, INT_MAX, False, False), "block_size": (1, INT_MAX, False, False),
+    "n_layer": (1, INT_MAX, False, False), "n_head": (1, INT_MAX, False, False), "n_embd": (1, INT_MAX, False, False),
+    "dropout": (0.0, 1.0, False, True),
+    "seed": (0, 2**32 - 1, False, False), "batch_size": (1, INT_MAX, False, False),
+    "gradient_accumulation_steps": (1, INT_MAX, False, False), "max_iters": (0, INT_MAX, False, False),
+    "eval_interval": (1, INT_MAX, False, False), "eval_iters": (1, INT_MAX, False, False),
+    "log_interval": (1, INT_MAX, False, False), "learning_rate": (0.0, None, True, False),
+    "warmup_iters": (0, INT_MAX, False, False), "lr_decay_iters": (0, INT_MAX, False, False),
+    "min_lr": (0.0, None, False, False), "weight_decay": (0.0, None, False, False),
+    "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "grad_clip": (0.0, None, False, False),
+    # sample
+    "num_samples": (1, INT_MAX, False, False), "max_new_tokens": (0, INT_MAX, False, False),
+    "temperature": (0.0, None, True, False), "top_k": (0, INT_MAX, False, False),  # top_k 0: no filtering
+    # eval (0: the run's own batch size)
+    "eval_batch_size": (0, INT_MAX, False, False),
+    # bench
+    "steps": (1, INT_MAX, False, False), "eager_steps": (1, INT_MAX, False, False),
+    "warmup": (0, INT_MAX, False, False), "repeats": (1, INT_MAX, False, False), "rounds": (1, INT_MAX, False, False),
+    "bench_max_new_tokens": (1, INT_MAX, False, False),
+}
+
+
+def check_range(key: str, value, name: str | None = None) -> None:
+    """A UserError unless value lies in RANGES[key]; `name` is the option as the user wrote it (default key)."""
+    lo, hi, lo_open, hi_open = RANGES[key]
+    ok = value == value and value not in (float("inf"), float("-inf"))  # NaN and infinities fail every range
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        bounds = [f"> {lo}" if lo_open else f">= {lo}"] if lo is not None else []
+        bounds += [f"< {hi}" if hi_open else f"<= {hi}"] if hi is not None else []
+        raise UserError(f"--{name or key}={value} is out of range: it must be {' and '.join(bounds)}")
+
+
 def validate(config: Config) -> None:
-    """Shape and range checks that would otherwise fail deep inside JAX."""
+    """Every numeric setting's range, then the checks across settings that would otherwise fail inside JAX."""
     m, t, d = config.model, config.train, config.data
+    for section in (m, t):
+        for f in dataclasses.fields(section):
+            if f.name in RANGES:
+                check_range(f.name, getattr(section, f.name))
     if m.model not in ("gpt", "bigram"):
         raise UserError(f"--model={m.model}: use gpt or bigram")
     if m.model == "gpt" and m.n_embd % m.n_head:
         raise UserError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
-    for key, value in (("block_size", m.block_size), ("n_layer", m.n_layer), ("n_head", m.n_head),
-                       ("n_embd", m.n_embd), ("batch_size", t.batch_size), ("eval_interval", t.eval_interval),
-                       ("eval_iters", t.eval_iters), ("log_interval", t.log_interval),
-                       ("gradient_accumulation_steps", t.gradient_accumulation_steps)):
-        if value < 1:
-            raise UserError(f"--{key}={value} must be at least 1")
-    if not 0.0 <= m.dropout < 1.0:
-        raise UserError(f"--dropout={m.dropout} must be in [0, 1)")
-    if t.max_iters < 0 or t.learning_rate <= 0:
-        raise UserError("--max_iters must be >= 0 and --learning_rate > 0")
     if t.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from={t.init_from}: use scratch or resume")
     if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import model, tokenizers
+from gptjax.config import check_range
 from gptjax.errors import UserError
 
 
@@ -48,15 +49,15 @@ def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, 
 
 def sample(out_dir: str, start: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
            temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337) -> list[str]:
-    """Texts generated from a run's best checkpoint, each beginning with `start` (or FILE:path's contents)."""
+    """Texts generated from a run's best checkpoint, each beginning with `start` (or FILE:path's contents).
+
+    top_k 0 or None samples from the whole distribution."""
     from gptjax.train import load_run
 
-    if temperature <= 0:
-        raise UserError(f"--temperature={temperature} must be > 0")
-    if num_samples < 1 or max_new_tokens < 0:
-        raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top_k={top_k} must be >= 1 (or omitted for no filtering)")
+    for key, value in (("temperature", temperature), ("num_samples", num_samples),
+                       ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed)):
+        check_range(key, value)
+    top_k = top_k or None  # 0 or None: no top-k filtering
     if start.startswith("FILE:"):
         try:
             with open(start[5:], encoding="utf-8") as f:

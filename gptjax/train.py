@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from gptjax import checkpoint, data, model, parallel, tokenizers
-from gptjax.config import Config, TrainConfig
+from gptjax.config import Config, TrainConfig, check_range, resumed
 from gptjax.errors import UserError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
@@ -155,20 +155,58 @@ def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size
     return total, n
 
 
+def _keep_metrics_before(path: str, step: int) -> None:
+    """Drop the rows a resumed run is about to write again (its checkpoint's step and later), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
 
 
+def saved_config(out: str) -> Config | None:
+    """The config.json of the run in `out`, or None if there is none."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return Config.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a readable gptjax run config ({type(e).__name__}: {e}); restore it, or "
+                        "start a new run with --force") from None
+
+
+def resume_config(overrides: dict, default_out_dir: str) -> tuple[Config, list[str]]:
+    """--init_from=resume: the saved config of the run in --out_dir, with only `overrides` changed.
+
+    Returns the config and one "key: old -> new" line per setting the overrides changed.
+    """
+    out = overrides.get("out_dir", default_out_dir)
+    saved = saved_config(out)
+    if saved is None:
+        raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
+    config, changes = resumed(saved, {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
+    return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
+
+
 def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for resume, return the saved config."""
     out = config.train.out_dir
-    cfg_path = os.path.join(out, "config.json")
     if config.train.init_from == "resume":
-        if not os.path.exists(cfg_path) or not checkpoint.exists(out, "latest"):
+        saved = saved_config(out)
+        if saved is None:
             raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
-        with open(cfg_path) as f:
-            return Config.from_dict(json.load(f))
+        return saved
     claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
                   "to replace it")
     return None
@@ -214,10 +252,16 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     mesh = parallel.data_mesh(config.train.batch_size)
     state = init_state(params, tx)
-    if saved is not None:
+    if saved is not None and checkpoint.exists(out, "latest"):
         state = checkpoint.restore(out, "latest", state)
+        if int(state.step) > t.max_iters:
+            raise UserError(f"--max_iters={t.max_iters} is below {out}'s step {int(state.step)}: pass a larger "
+                            "--max_iters to train further")
+    elif saved is not None:  # stopped before its first checkpoint: nothing to keep but the settings
+        print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
     state = jax.device_put(state, parallel.replicated(mesh))
     _write_json(os.path.join(out, "config.json"), config.to_dict())
+    _keep_metrics_before(os.path.join(out, "metrics.jsonl"), int(state.step))
     shutil.copy(os.path.join(prep.dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
@@ -347,6 +391,7 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
 
     input_path replaces the run's corpus file (e.g. for a run imported without one).
     """
+    check_range("eval_batch_size", batch_size, "batch_size")
     config, graphdef, params = load_run(out_dir)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)

@@ -117,3 +117,91 @@ def test_error_exits_2_without_traceback_in_a_subprocess(tmp_path):
     r = run_cli("train", "--config=tiny", f"--input={tmp_path}/missing.txt")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_every_numeric_setting_has_a_range():
+    import dataclasses
+
+    from gptjax.config import RANGES, ModelConfig, TrainConfig
+
+    numeric = [f.name for c in (ModelConfig, TrainConfig) for f in dataclasses.fields(c) if f.type in ("int", "float")]
+    assert numeric and not [k for k in numeric if k not in RANGES]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("train", "--learning_rate=nan"), "--learning_rate=nan"),
+    (("train", "--learning_rate=Infinity"), "--learning_rate=inf"),
+    (("train", "--min_lr=-inf"), "--min_lr=-inf"),
+    (("train", "--learning_rate=0"), "--learning_rate=0.0"),
+    (("train", "--beta1=-0.1"), "--beta1=-0.1"),
+    (("train", "--beta2=2"), "--beta2=2.0"),
+    (("train", "--beta2=1"), "--beta2=1.0"),
+    (("train", "--grad_clip=-1"), "--grad_clip=-1.0"),
+    (("train", "--weight_decay=-0.1"), "--weight_decay=-0.1"),
+    (("train", "--min_lr=nan"), "--min_lr=nan"),
+    (("train", "--dropout=1.5"), "--dropout=1.5"),
+    (("train", "--n_head=0"), "--n_head=0"),
+    (("train", "--max_iters=-1"), "--max_iters=-1"),
+    (("train", "--eval_interval=4294967296"), "--eval_interval=4294967296"),
+    (("train", "--warmup_iters=-5"), "--warmup_iters=-5"),
+    (("train", "--seed=-1"), "--seed=-1"),
+    (("train", "--vocab_size=-1"), "--vocab_size=-1"),
+    (("prepare", "--block_size=0"), "--block_size=0"),
+    (("bench", "--eval_iters=0"), "--eval_iters=0"),
+    (("bench", "--warmup=-1"), "--warmup=-1"),
+    (("bench", "--rounds=0"), "--rounds=0"),
+    (("sample", "--temperature=nan"), "--temperature=nan"),
+    (("sample", "--temperature=-1"), "--temperature=-1.0"),
+    (("sample", "--top_k=-1"), "--top_k=-1"),
+    (("sample", "--num_samples=0"), "--num_samples=0"),
+    (("sample", "--max_new_tokens=-3"), "--max_new_tokens=-3"),
+    (("sample", "--seed=-2"), "--seed=-2"),
+    (("eval", "--batch_size=-1"), "--batch_size=-1"),
+])
+def test_every_numeric_setting_is_range_checked(capsys, tmp_path, shakespeare, args, needle):
+    """One line naming the option and its range, exit 2, before anything is written."""
+    command, *rest = args
+    out = tmp_path / "run"
+    extra = ["--config=tiny", f"--input={shakespeare}"] if command in ("train", "prepare", "bench") else []
+    data_dir = tmp_path / "data"
+    err = _user_error(capsys, command, *extra, *rest, f"--out_dir={out}",
+                      *([f"--data_dir={data_dir}"] if command in ("train", "prepare") else []))
+    assert needle in err and "out of range" in err, err
+    assert not out.exists() and not data_dir.exists()
+
+
+def _train(shakespeare, out, *args):
+    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_resume_keeps_the_runs_own_settings(capsys, tmp_path, shakespeare):
+    """`--init_from=resume --out_dir=R` continues R with R's settings, not the default preset's; only what is
+    passed changes, and what changed is printed; contradicting the saved model is refused."""
+    out = tmp_path / "run"
+    _train(shakespeare, out, "--max_iters=10", "--learning_rate=0.02", "--eval_interval=5")
+    cfg = json.loads((out / "config.json").read_text())
+    before = (out / "metrics.jsonl").read_text()
+    assert "--n_layer=8 contradicts" in _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
+                                                    "--n_layer=8")
+    assert "--max_iters=5 is below" in _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
+                                                   "--max_iters=5", f"--input={shakespeare}")
+    assert (out / "metrics.jsonl").read_text() == before and json.loads((out / "config.json").read_text()) == cfg
+    r = run_cli("train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}", "--max_iters=15")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "changed: max_iters: 10 -> 15" in r.stdout and "learning_rate" not in r.stdout.split("changed:")[1]
+    now = json.loads((out / "config.json").read_text())
+    assert now["train"] == {**cfg["train"], "max_iters": 15, "init_from": "resume"}
+    assert now["model"] == cfg["model"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 5, 10, 15]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    _train(shakespeare, out, "--max_iters=0")
+    assert not (out / "checkpoints").exists()
+    r = _train(shakespeare, out, "--init_from=resume", "--max_iters=10")
+    assert "starting its run over from step 0" in r.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 10]

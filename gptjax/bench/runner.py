@@ -18,7 +18,7 @@ import numpy as np
 
 from gptjax.bench import flops, report
 from gptjax.bench.worker import n_calls
-from gptjax.config import Config, override, validate
+from gptjax.config import Config, check_range, override, validate
 from gptjax.errors import UserError
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
@@ -42,7 +42,7 @@ class Options:
     rounds: int = 1  # the modes run this many times in turn (A B C A B C ...), their repeats pooled
 
 
-def _int(opts: dict, key: str, default: int, least: int) -> int:
+def _int(opts: dict, key: str, default: int, range_key: str | None = None) -> int:
     if key not in opts:
         return default
     raw = opts.pop(key)
@@ -50,8 +50,7 @@ def _int(opts: dict, key: str, default: int, least: int) -> int:
         value = int(raw)
     except ValueError:
         raise UserError(f"--{key}={raw} is not an integer") from None
-    if value < least:
-        raise UserError(f"--{key}={value} must be at least {least}")
+    check_range(range_key or key, value, key)
     return value
 
 
@@ -81,12 +80,12 @@ def parse_options(opts: dict) -> Options:
             raise UserError(f"--sweep={raw}: values must be integers, e.g. --sweep={sweep_key}:1,4,16") from None
         if any(v < 1 for v in values) or len(set(values)) != len(values):
             raise UserError(f"--sweep={raw}: values must be distinct and at least 1")
-    steps = _int(opts, "steps", 20, 1)
+    steps = _int(opts, "steps", 20)
     return Options(modes=tuple(dict.fromkeys(modes)), workload=workload, steps=steps,
-                   eager_steps=_int(opts, "eager_steps", min(steps, 3), 1), warmup=_int(opts, "warmup", 2, 0),
-                   repeats=_int(opts, "repeats", 5, 1), sweep_key=sweep_key, sweep_values=values,
-                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, 1),
-                   rounds=_int(opts, "rounds", 1, 1))
+                   eager_steps=_int(opts, "eager_steps", min(steps, 3)), warmup=_int(opts, "warmup", 2),
+                   repeats=_int(opts, "repeats", 5), sweep_key=sweep_key, sweep_values=values,
+                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, "bench_max_new_tokens"),
+                   rounds=_int(opts, "rounds", 1))
 
 
 def host_info() -> dict:
