@@ -6,7 +6,6 @@ import json
 import sys
 
 from gptjax import parallel
-from gptjax.config import check_range
 from gptjax.errors import UserError
 
 USAGE = """usage: gptjax COMMAND [--key=value ...]
@@ -123,9 +122,7 @@ def cmd_eval(opts, pos):
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    batch_size = _take(opts, "batch_size", int, 0)
-    check_range("eval_batch_size", batch_size, "batch_size")
-    r = train.evaluate(out_dir, split, batch_size, _take(opts, "input", str, ""))
+    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 

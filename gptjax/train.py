@@ -192,21 +192,22 @@ def resume_config(overrides: dict, default_out_dir: str) -> tuple[Config, list[s
     Returns the config and one "key: old -> new" line per setting the overrides changed.
     """
     out = overrides.get("out_dir", default_out_dir)
+    config, changes = resumed(_run_to_resume(out), {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
+    return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
+
+
+def _run_to_resume(out: str) -> Config:
     saved = saved_config(out)
     if saved is None:
         raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
-    config, changes = resumed(saved, {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
-    return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
+    return saved
 
 
 def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for resume, return the saved config."""
     out = config.train.out_dir
     if config.train.init_from == "resume":
-        saved = saved_config(out)
-        if saved is None:
-            raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
-        return saved
+        return _run_to_resume(out)
     claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
                   "to replace it")
     return None
@@ -367,11 +368,9 @@ def load_run(out_dir: str, which: str = "best"):
 
 def load_state(out_dir: str, which: str = "best"):
     """(config, graphdef, TrainState) of a trained run, from checkpoint `which` (falls back to latest)."""
-    cfg_path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(cfg_path):
+    config = saved_config(out_dir)
+    if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
-    with open(cfg_path) as f:
-        config = Config.from_dict(json.load(f))
     graphdef, params = model.split(model.create(config.model, config.train.seed))
     tx = make_optimizer(config.train, params)
     name = which if checkpoint.exists(out_dir, which) else "latest"
