@@ -1,51 +1,189 @@
-"""Orbax checkpoints of the whole train state under OUT_DIR/checkpoints/{latest,best}, replaced atomically."""
+"""Orbax checkpoints of the whole train state, committed atomically, the last N kept plus the best.
+
+Layout under OUT_DIR/checkpoints:
+  step_00000250/   one per save; the newest `keep` are kept ("latest" is the newest)
+  best_00000250/   the checkpoint with the lowest val loss so far (only the newest best_ is kept)
+  .tmp_*           a save in progress; never read, removed by the next save
+
+A checkpoint is written into a .tmp_ directory and renamed into place only when orbax has finished, so a
+process killed at any moment leaves every committed checkpoint whole and the previous ones still there.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
 
 from gptjax.errors import UserError
 
-
-def path(out_dir: str, name: str) -> str:
-    return os.path.abspath(os.path.join(out_dir, "checkpoints", name))
-
-
-def exists(out_dir: str, name: str) -> bool:
-    return os.path.isdir(path(out_dir, name))
+_NAME = re.compile(r"^(step|best)_(\d{8,})$")
+MANIFEST = "gptjax_manifest.json"  # every file of the checkpoint with its size and CRC-32, written last
 
 
-def save(out_dir: str, name: str, tree, copy_of: str | None = None) -> None:
-    """Write to a temporary directory, then swap it in, so a crash never leaves no checkpoint.
+def root(out_dir: str) -> str:
+    return os.path.abspath(os.path.join(out_dir, "checkpoints"))
 
-    copy_of names a checkpoint just saved from the same tree: its files are copied instead of written again.
-    """
-    final = path(out_dir, name)
-    tmp, old = final + ".tmp", final + ".old"
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    if copy_of is not None:
-        shutil.copytree(path(out_dir, copy_of), tmp)
+
+def _committed(out_dir: str, kind: str) -> list[tuple[int, str]]:
+    """(step, path) of the committed `kind` (step or best) checkpoints, oldest first."""
+    r = root(out_dir)
+    if not os.path.isdir(r):
+        return []
+    found = []
+    for name in os.listdir(r):
+        m = _NAME.match(name)
+        if m and m.group(1) == kind and os.path.isdir(os.path.join(r, name)):
+            found.append((int(m.group(2)), os.path.join(r, name)))
+    return sorted(found)
+
+
+def steps(out_dir: str) -> list[int]:
+    """The steps of the kept checkpoints, oldest first."""
+    return [s for s, _ in _committed(out_dir, "step")]
+
+
+def resolve(out_dir: str, which: str | int) -> str | None:
+    """Path of checkpoint `which`: "latest" (newest step), "best", or a step number; None if there is none."""
+    if which == "best":
+        found = _committed(out_dir, "best")
+    elif which == "latest":
+        found = _committed(out_dir, "step")
     else:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp, tree)
-            ckptr.wait_until_finished()
-    if os.path.exists(final):
+        found = [(s, p) for s, p in _committed(out_dir, "step") + _committed(out_dir, "best") if s == int(which)]
+    return found[-1][1] if found else None
+
+
+def exists(out_dir: str, which: str | int) -> bool:
+    return resolve(out_dir, which) is not None
+
+
+def _commit(tmp: str, final: str) -> None:
+    if os.path.exists(final):  # the same step saved again (e.g. a resumed run): replace it, newest wins
+        head, name = os.path.split(final)
+        old = os.path.join(head, ".tmp_old_" + name)
         os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
 
 
-def restore(out_dir: str, name: str, like):
-    """The saved tree, restored into the structure, shapes and dtypes of `like`."""
-    p = path(out_dir, name)
-    if not os.path.isdir(p):
-        raise UserError(f"no '{name}' checkpoint in {out_dir}: train there first (gptjax train --out_dir={out_dir})")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> str:
+    """Commit the tree as step_<step> (and as best_<step> if best); keep the newest `keep` step checkpoints."""
+    r = root(out_dir)
+    os.makedirs(r, exist_ok=True)
+    for name in os.listdir(r):  # saves a killed process left unfinished
+        if name.startswith(".tmp_"):
+            shutil.rmtree(os.path.join(r, name), ignore_errors=True)
+    final = os.path.join(r, f"step_{step:08d}")
+    tmp = os.path.join(r, f".tmp_step_{step:08d}")
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(p, abstract)
+        ckptr.save(tmp, tree)
+        ckptr.wait_until_finished()
+    _write_manifest(tmp)
+    _commit(tmp, final)
+    if best:
+        best_final = os.path.join(r, f"best_{step:08d}")
+        best_tmp = os.path.join(r, f".tmp_best_{step:08d}")
+        shutil.copytree(final, best_tmp)  # a copy, not links: damage to one file leaves the other whole
+        _commit(best_tmp, best_final)
+        for _, p in _committed(out_dir, "best")[:-1]:
+            _remove(p)
+    for _, p in _committed(out_dir, "step")[:-keep]:
+        _remove(p)
+    return final
+
+
+def _remove(p: str) -> None:
+    """Rename out of the committed names first, so a kill halfway through deleting leaves no half checkpoint."""
+    head, name = os.path.split(p)
+    gone = os.path.join(head, ".tmp_gone_" + name)
+    os.rename(p, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _files(d: str) -> dict[str, str]:
+    out = {}
+    for base, _, names in os.walk(d):
+        for name in names:
+            full = os.path.join(base, name)
+            out[os.path.relpath(full, d)] = full
+    return out
+
+
+def _crc(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_manifest(d: str) -> None:
+    files = {rel: [os.path.getsize(full), _crc(full)] for rel, full in sorted(_files(d).items())}
+    with open(os.path.join(d, MANIFEST), "w") as f:
+        json.dump(files, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(p: str) -> str | None:
+    """What is wrong with the files of checkpoint directory p, or None if they match its manifest."""
+    try:
+        with open(os.path.join(p, MANIFEST)) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is missing or unreadable"
+    present = _files(p)
+    for rel, (size, crc) in expected.items():
+        if rel not in present:
+            return f"{rel} is missing"
+        if os.path.getsize(present[rel]) != size:
+            return f"{rel} has {os.path.getsize(present[rel])} bytes, not {size}"
+        if _crc(present[rel]) != crc:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def describe(out_dir: str) -> str:
+    """The checkpoints a user can pick, for error messages."""
+    kept = steps(out_dir)
+    best = _committed(out_dir, "best")
+    parts = [f"steps {', '.join(map(str, kept))}" if kept else "no step checkpoints"]
+    if best:
+        parts.append(f"best at step {best[-1][0]}")
+    return "; ".join(parts)
+
+
+def restore(out_dir: str, which: str | int, like):
+    """The saved tree of checkpoint `which`, restored into the structure, shapes and dtypes of `like`."""
+    p = resolve(out_dir, which)
+    if p is None:
+        if which in ("best", "latest") and not steps(out_dir):
+            raise UserError(f"{out_dir} has no checkpoint yet: train there first (gptjax train --out_dir={out_dir})")
+        raise UserError(f"{out_dir} has no '{which}' checkpoint ({describe(out_dir)}): pick one of those")
+    problem = verify(p)
+    if problem:
+        raise damaged(out_dir, p, problem)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(p, abstract)
+    except (OSError, ValueError) as e:  # files that match the manifest but orbax cannot read
+        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        if "structure" in cause or "shape" in cause:
+            raise UserError(f"checkpoint {p} holds another train state than this run's settings describe "
+                            f"({cause}); use the settings it was saved with (its run's config.json)") from None
+        raise damaged(out_dir, p, f"{type(e).__name__}: {cause}") from None
+
+
+def damaged(out_dir: str, p: str, problem: str) -> UserError:
+    return UserError(f"checkpoint {p} is damaged ({problem}); use another one "
+                     f"with --checkpoint=best|latest|STEP ({describe(out_dir)}), or delete it to resume from the "
+                     "one before")

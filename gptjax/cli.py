@@ -6,19 +6,19 @@ import json
 import sys
 
 from gptjax import parallel
-from gptjax.errors import UserError
+from gptjax.errors import Stopped, UserError
 
 USAGE = """usage: gptjax COMMAND [--key=value ...]
 
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
-  train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force]
+  train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
   sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
-           [--temperature=T] [--top_k=K] [--seed=S]
-  eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH]
+           [--temperature=T] [--top_k=K] [--seed=S] [--checkpoint=best|latest|STEP]
+  eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH] [--checkpoint=best|latest|STEP]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile]
            [--workload=train|forward|generate] [--steps=N] [--eager_steps=N] [--warmup=N] [--repeats=R]
            [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
-  export   --out_dir=DIR --to=nanogpt FILE.pt [--force]
+  export   --out_dir=DIR --to=nanogpt FILE.pt [--force] [--checkpoint=best|latest|STEP]
   import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
 presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
@@ -102,27 +102,39 @@ def cmd_train(opts, pos):
 def cmd_sample(opts, pos):
     from gptjax import sample
 
-    _only(opts, ("out_dir", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed"), "sample")
+    _only(opts, ("out_dir", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "checkpoint"),
+          "sample")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     texts = sample.sample(
-        out_dir, start=_take(opts, "start", str, "\n"), num_samples=_take(opts, "num_samples", int, 1),
+        out_dir, start=_take(opts, "start", str, None), num_samples=_take(opts, "num_samples", int, 1),
         max_new_tokens=_take(opts, "max_new_tokens", int, 500), temperature=_take(opts, "temperature", float, 0.8),
-        top_k=_take(opts, "top_k", int, 200), seed=_take(opts, "seed", int, 1337),
+        top_k=_take(opts, "top_k", int, 200), seed=_take(opts, "seed", int, 1337), checkpoint=_checkpoint(opts),
     )
     for text in texts:
         print(text)
         print("---------------")
 
 
+def _checkpoint(opts) -> str | int:
+    """--checkpoint=best|latest|STEP (default best)."""
+    raw = _take(opts, "checkpoint", str, "best")
+    if raw in ("best", "latest"):
+        return raw
+    if raw.isdigit():
+        return int(raw)
+    raise UserError(f"--checkpoint={raw}: use best, latest or a step number")
+
+
 def cmd_eval(opts, pos):
     from gptjax import train
 
-    _only(opts, ("out_dir", "split", "batch_size", "input"), "eval")
+    _only(opts, ("out_dir", "split", "batch_size", "input", "checkpoint"), "eval")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""))
+    r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""),
+                       which=_checkpoint(opts))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 
@@ -156,12 +168,13 @@ def _torch_convert():
 
 
 def cmd_export(opts, pos):
-    _only(opts, ("out_dir", "to", "force"), "export")
+    _only(opts, ("out_dir", "to", "force", "checkpoint"), "export")
     path = _file_and_format(opts, pos, "to", "export")
     force = _take(opts, "force", bool, False)
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
-    r = _torch_convert().export_nanogpt(out_dir, path, force=force)
-    print(f"wrote {r['path']}: {r['tensors']} tensors from {out_dir} (best checkpoint, step {r['iter_num']})"
+    which = _checkpoint(opts)
+    r = _torch_convert().export_nanogpt(out_dir, path, force=force, which=which)
+    print(f"wrote {r['path']}: {r['tensors']} tensors from {out_dir} ({which} checkpoint, step {r['iter_num']})"
           + (f"; vocabulary in {r['meta']}" if r["meta"] else ""))
 
 
@@ -208,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("gptjax: interrupted", file=sys.stderr)
         return 130

@@ -54,6 +54,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    keep_checkpoints: int = 2  # step checkpoints kept (the newest), besides the best
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,7 @@ RANGES = {
     "warmup_iters": (0, INT_MAX, False, False), "lr_decay_iters": (0, INT_MAX, False, False),
     "min_lr": (0.0, None, False, False), "weight_decay": (0.0, None, False, False),
     "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "grad_clip": (0.0, None, False, False),
+    "keep_checkpoints": (1, INT_MAX, False, False),
     # sample
     "num_samples": (1, INT_MAX, False, False), "max_new_tokens": (0, INT_MAX, False, False),
     "temperature": (0.0, None, True, False), "top_k": (0, INT_MAX, False, False),  # top_k 0: no filtering

@@ -1,5 +1,13 @@
-"""The one exception type for user errors: the CLI prints its message in one line and exits 2."""
+"""Exceptions the CLI turns into one line on stderr and an exit status, without a traceback."""
 
 
 class UserError(Exception):
-    """A problem with the user's input (path, override, corpus, out_dir) and how to fix it."""
+    """A problem with the user's input (path, override, corpus, out_dir, memory) and how to fix it: exit 2."""
+
+
+class Stopped(Exception):
+    """A run stopped on purpose (a signal), its progress saved: the message says how to resume; exit `code`."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

@@ -47,9 +47,21 @@ def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, 
     return jax.lax.fori_loop(0, max_new_tokens, body, buf_NL)[:, :L]
 
 
-def sample(out_dir: str, start: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
-           temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337) -> list[str]:
-    """Texts generated from a run's best checkpoint, each beginning with `start` (or FILE:path's contents).
+def default_start(tok) -> str:
+    """A newline, as nanoGPT starts, if the vocabulary has one; else the vocabulary's first token."""
+    try:
+        if tok.encode("\n"):
+            return "\n"
+    except UserError:  # a char vocabulary from a corpus without newlines
+        pass
+    return tok.decode([0])
+
+
+def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new_tokens: int = 500,
+           temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337,
+           checkpoint: str | int = "best") -> list[str]:
+    """Texts generated from a run's checkpoint (best by default), each beginning with `start` (or FILE:path's
+    contents; None: default_start).
 
     top_k 0 or None samples from the whole distribution."""
     from gptjax.train import load_run
@@ -58,16 +70,19 @@ def sample(out_dir: str, start: str = "\n", num_samples: int = 1, max_new_tokens
                        ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed)):
         check_range(key, value)
     top_k = top_k or None  # 0 or None: no top-k filtering
-    if start.startswith("FILE:"):
+    if start is not None and start.startswith("FILE:"):
         try:
             with open(start[5:], encoding="utf-8") as f:
                 start = f.read()
-        except OSError:
-            raise UserError(f"--start={start}: cannot read that file") from None
-    if not start:
+        except OSError as e:
+            raise UserError(f"--start={start}: cannot read that file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--start={start}: that file is not UTF-8 text; give a text file") from None
+    if start == "":
         raise UserError("--start must not be empty: generation needs at least one token to condition on")
-    config, graphdef, params = load_run(out_dir)
+    config, graphdef, params = load_run(out_dir, checkpoint)
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
+    start = default_start(tok) if start is None else start
     prompt = np.asarray(tok.encode(start), np.int32)
     if len(prompt) == 0:
         raise UserError(f"--start={start!r} encodes to no tokens")

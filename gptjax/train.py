@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -17,7 +22,7 @@ import optax
 
 from gptjax import checkpoint, data, model, parallel, tokenizers
 from gptjax.config import Config, TrainConfig, check_range, resumed
-from gptjax.errors import UserError
+from gptjax.errors import Stopped, UserError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
 
@@ -66,7 +71,8 @@ def decay_mask(params):
 def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
     adamw = optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8, weight_decay=t.weight_decay,
                         mask=decay_mask(params))
-    return optax.chain(clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+    # One state structure whatever grad_clip is, so a resumed run may turn clipping on or off.
+    return optax.chain(clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(), adamw)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -156,21 +162,34 @@ def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size
 
 
 def _keep_metrics_before(path: str, step: int) -> None:
-    """Drop the rows a resumed run is about to write again (its checkpoint's step and later), atomically."""
+    """Drop the rows a resumed run is about to write again (its checkpoint's step and later), atomically.
+
+    A row cut short by a killed process (the last line) is dropped too.
+    """
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
-    if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] < step:
+            kept.append(line)
+    if kept != lines:
+        _atomic_write(path, "".join(kept))
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj) -> None:
+    _atomic_write(path, json.dumps(obj, indent=1))
 
 
 def saved_config(out: str) -> Config | None:
@@ -192,6 +211,7 @@ def resume_config(overrides: dict, default_out_dir: str) -> tuple[Config, list[s
     Returns the config and one "key: old -> new" line per setting the overrides changed.
     """
     out = overrides.get("out_dir", default_out_dir)
+    check_out_dir(out)
     config, changes = resumed(_run_to_resume(out), {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
     return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
 
@@ -203,24 +223,120 @@ def _run_to_resume(out: str) -> Config:
     return saved
 
 
+def check_out_dir(out: str) -> None:
+    """--out_dir must name a directory that exists or can be made, and be writable: checked before any work."""
+    if not out.strip():
+        raise UserError("--out_dir is empty: name the run's directory, e.g. --out_dir=out-mine")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out_dir={out} is a file, not a directory: pick another --out_dir")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out_dir={out}: {parent} is a file, so the directory cannot be made; pick another")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir={out}: {parent} is not writable; pick a directory you can write to")
+
+
 def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for resume, return the saved config."""
     out = config.train.out_dir
+    check_out_dir(out)
     if config.train.init_from == "resume":
         return _run_to_resume(out)
     claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
-                  "to replace it")
+                  "to replace it", remove=False)
     return None
 
 
-def claim_out_dir(out: str, force: bool, advice: str) -> None:
-    """Refuse a directory that holds a run, unless force: then its run files are removed."""
+def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> None:
+    """Refuse a directory that holds a run, unless force: then (if remove) its run files are removed."""
     if any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
         if not force:
             raise UserError(f"{out} already holds a run: {advice}")
-        for f in RUN_FILES:
-            p = os.path.join(out, f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+        if remove:
+            _remove_run_files(out)
+
+
+def _remove_run_files(out: str) -> None:
+    for f in RUN_FILES:
+        p = os.path.join(out, f)
+        shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+
+
+LOCK_FILE = ".gptjax.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str, command: str = "train"):
+    """Hold OUT_DIR's lock for the block: a second process writing the same run gets one line naming the holder.
+
+    An flock: the kernel releases it when the holder exits, however it dies. The directory is made if needed.
+    """
+    import fcntl
+
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--out_dir={out}: cannot write there ({e.strerror}); pick a directory you can write to") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{out} is in use by {holder}: wait for it to finish, or pick another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"gptjax {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the step in flight (it saves, then exits 130/143).
+
+    The first signal puts the default handlers back, so a second one ends the process at once, even inside a long
+    device call. Installed only in the main thread (signal handlers live nowhere else); elsewhere it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        print(f"\ngptjax: {signal.Signals(signum).name}: saving after the step in flight (send it again to exit "
+              "now, without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _expected_failure(e: BaseException, out: str) -> UserError | None:
+    """A UserError for a failure of the machine rather than of gptjax: memory (host or device) or writing the run."""
+    if isinstance(e, MemoryError) or (isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)):
+        return UserError("out of memory: lower --batch_size (or raise --gradient_accumulation_steps to keep the "
+                         "tokens per step), --block_size, --n_embd or --n_layer")
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return UserError(f"cannot write the run in {out}: {e.strerror} ({e.filename or out}); free space or pick "
+                         "another --out_dir, then continue with --init_from=resume")
+    return None
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def setup(config: Config):
@@ -237,11 +353,35 @@ def setup(config: Config):
 
 
 def train(config: Config, force: bool = False, progress: bool = True) -> dict:
-    """Train as the config says, writing config.json, metrics.jsonl, checkpoints and loss.png to out_dir."""
-    from tqdm import tqdm
+    """Train as the config says, writing config.json, metrics.jsonl, checkpoints and loss.png to out_dir.
 
+    Every check of the input comes before anything is written. The run directory is locked while it trains.
+    SIGINT/SIGTERM save the step reached and raise Stopped; a non-finite loss stops with a UserError, the last
+    good checkpoint kept. A fresh run that fails before its first checkpoint leaves no run files behind.
+    """
     t0 = time.perf_counter()
     saved = _prepare_out_dir(config, force)
+    out = config.train.out_dir
+    made_dir = not os.path.exists(out)
+    with run_lock(out):
+        try:
+            if saved is None and force:
+                _remove_run_files(out)
+            return _train(config, saved, t0, progress)
+        except BaseException as e:
+            if saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
+                _remove_run_files(out)
+                if made_dir:
+                    shutil.rmtree(out, ignore_errors=True)
+            expected = _expected_failure(e, out)
+            if expected is not None:
+                raise expected from None
+            raise
+
+
+def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> dict:
+    from tqdm import tqdm
+
     if saved is not None:  # resume: the run's own model and data (or --input's copy of it); this invocation's training
         data_config = dataclasses.replace(saved.data, input=config.data.input) if config.data.input else saved.data
         config = dataclasses.replace(saved, data=data_config, train=config.train)
@@ -250,7 +390,6 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
         check_tokenizer(config.train.out_dir, prep)
     t, m = config.train, config.model
     out = t.out_dir
-    os.makedirs(out, exist_ok=True)
     mesh = parallel.data_mesh(config.train.batch_size)
     state = init_state(params, tx)
     if saved is not None and checkpoint.exists(out, "latest"):
@@ -261,9 +400,9 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     elif saved is not None:  # stopped before its first checkpoint: nothing to keep but the settings
         print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
     state = jax.device_put(state, parallel.replicated(mesh))
-    _write_json(os.path.join(out, "config.json"), config.to_dict())
+    write_json(os.path.join(out, "config.json"), config.to_dict())
     _keep_metrics_before(os.path.join(out, "metrics.jsonl"), int(state.step))
-    shutil.copy(os.path.join(prep.dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    _atomic_write(os.path.join(out, "tokenizer.json"), open(os.path.join(prep.dir, "tokenizer.json")).read())
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
     train_step = make_train_step(graphdef, tx, t, mesh)
@@ -276,67 +415,91 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
         x, y = data.get_batch(train_tokens, A * B, T, t.seed, step)
         return x.reshape(A, B, T), y.reshape(A, B, T)
 
+    def diverged(step: int, what: str) -> UserError:
+        kept = checkpoint.resolve(out, "latest")
+        keep = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was saved"
+        return UserError(f"step {step}: {what} is not finite, so training stopped; {keep}. Lower --learning_rate "
+                         "(or set --grad_clip) and train again")
+
     print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
           f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)")
     start = int(state.step)
+    saved_step = start  # the step of the newest checkpoint this process can rely on
     history = []
     compile_s = None
     bar = tqdm(total=t.max_iters, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
     x, y = batch(start)
     prev = None  # last step's metrics: fetched a step late so the host never waits on the step just queued
     interval_start, interval_steps = time.perf_counter(), 0
-    for step in range(start, t.max_iters + 1):
-        if step % t.eval_interval == 0 or step == t.max_iters:
-            jax.block_until_ready(state)
-            elapsed = time.perf_counter() - interval_start
-            tps = interval_steps * tokens_per_step / elapsed if interval_steps else 0.0
-            losses = {s: float(estimate(state.params, *eval_batches(tok, t, T, s, step)))
-                      for s, tok in (("train", train_tokens), ("val", val_tokens))}
-            row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                   "lr": float(lr_schedule(t)(step)), "tokens_per_sec": tps,
-                   "elapsed_s": time.perf_counter() - t0}
-            history.append(row)
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
-                      f"{tps:,.0f} tokens/s")
-            if step > start:
-                improved = losses["val"] < float(state.best_val_loss)
-                if improved:
-                    # Placed like the old value: an array committed elsewhere would recompile the step.
-                    best = jax.device_put(np.float32(losses["val"]), state.best_val_loss.sharding)
-                    state = state._replace(best_val_loss=best)
-                    checkpoint.save(out, "best", state)
-                checkpoint.save(out, "latest", state, copy_of="best" if improved else None)
-            interval_start, interval_steps = time.perf_counter(), 0
-        if step == t.max_iters:
-            break
-        if compile_s is None:
-            tick = time.perf_counter()
-            state, metrics = train_step(state, x, y, dropout_key)
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - tick
-            bar.write(f"compiled the train step in {compile_s:.1f} s (first call, including one step)")
-            interval_start = time.perf_counter()
-        else:
-            state, metrics = train_step(state, x, y, dropout_key)
-            interval_steps += 1
-        x, y = batch(step + 1)  # sampled on the host while the device works
-        if prev is not None and step % t.log_interval == 0:
-            loss = float(prev["loss"])
-            rate = interval_steps * tokens_per_step / max(time.perf_counter() - interval_start, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
-        prev = metrics
-        bar.update(1)
+    try:
+        with _StopOnSignal() as stop:
+            for step in range(start, t.max_iters + 1):
+                if stop.signum is not None:
+                    jax.block_until_ready(state)
+                    if step > saved_step:
+                        checkpoint.save(out, step, state, keep=t.keep_checkpoints)
+                    where = checkpoint.resolve(out, "latest") or "nothing (no step finished)"
+                    raise Stopped(f"{signal.Signals(stop.signum).name} at step {step}: saved {where}; continue with "
+                                  f"gptjax train --init_from=resume --out_dir={out}", 128 + stop.signum)
+                if step % t.eval_interval == 0 or step == t.max_iters:
+                    jax.block_until_ready(state)
+                    elapsed = time.perf_counter() - interval_start
+                    tps = interval_steps * tokens_per_step / elapsed if interval_steps else 0.0
+                    losses = {s: float(estimate(state.params, *eval_batches(tok, t, T, s, step)))
+                              for s, tok in (("train", train_tokens), ("val", val_tokens))}
+                    for s, v in losses.items():
+                        if not math.isfinite(v):
+                            raise diverged(step, f"the estimated {s} loss ({v})")
+                    row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                           "lr": float(lr_schedule(t)(step)), "tokens_per_sec": tps,
+                           "elapsed_s": time.perf_counter() - t0}
+                    history.append(row)
+                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                              f"{tps:,.0f} tokens/s")
+                    if step > start:
+                        improved = losses["val"] < float(state.best_val_loss)
+                        if improved:
+                            # Placed like the old value: an array committed elsewhere would recompile the step.
+                            best = jax.device_put(np.float32(losses["val"]), state.best_val_loss.sharding)
+                            state = state._replace(best_val_loss=best)
+                        checkpoint.save(out, step, state, keep=t.keep_checkpoints, best=improved)
+                        saved_step = step
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if step == t.max_iters:
+                    break
+                if compile_s is None:
+                    tick = time.perf_counter()
+                    state, metrics = train_step(state, x, y, dropout_key)
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - tick
+                    bar.write(f"compiled the train step in {compile_s:.1f} s (first call, including one step)")
+                    interval_start = time.perf_counter()
+                else:
+                    state, metrics = train_step(state, x, y, dropout_key)
+                    interval_steps += 1
+                x, y = batch(step + 1)  # sampled on the host while the device works
+                if prev is not None:
+                    loss, norm = float(prev["loss"]), float(prev["grad_norm"])
+                    for what, v in (("the loss", loss), ("the gradient norm", norm)):
+                        if not math.isfinite(v):
+                            raise diverged(step - 1, f"{what} ({v})")
+                    if step % t.log_interval == 0:
+                        rate = interval_steps * tokens_per_step / max(time.perf_counter() - interval_start, 1e-9)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+                prev = metrics
+                bar.update(1)
+    finally:
+        bar.close()
     jax.block_until_ready(state)
-    bar.close()
     wall = time.perf_counter() - t0
     _plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary = {"steps": t.max_iters - start, "wall_s": wall, "compile_s": compile_s, "last": history[-1],
                "best_val_loss": float(state.best_val_loss), "out_dir": out}
     print(f"done: {summary['steps']} steps in {wall:.1f} s wall; val loss {history[-1]['val_loss']:.4f} "
-          f"(best {summary['best_val_loss']:.4f}); checkpoints in {os.path.join(out, 'checkpoints')}")
+          f"(best {summary['best_val_loss']:.4f}); checkpoints in {checkpoint.root(out)}")
     return summary
 
 
@@ -360,20 +523,20 @@ def _plot(metrics_path: str, png: str) -> None:
     plt.close(fig)
 
 
-def load_run(out_dir: str, which: str = "best"):
-    """(config, graphdef, params) of a trained run; `which` is best or latest (falls back to latest)."""
+def load_run(out_dir: str, which: str | int = "best"):
+    """(config, graphdef, params) of a trained run; `which` is best (else latest), latest, or a step."""
     config, graphdef, state = load_state(out_dir, which)
     return config, graphdef, state.params
 
 
-def load_state(out_dir: str, which: str = "best"):
-    """(config, graphdef, TrainState) of a trained run, from checkpoint `which` (falls back to latest)."""
+def load_state(out_dir: str, which: str | int = "best"):
+    """(config, graphdef, TrainState) of a trained run, from checkpoint `which`: best (else latest), latest, or a step."""
     config = saved_config(out_dir)
     if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
     graphdef, params = model.split(model.create(config.model, config.train.seed))
     tx = make_optimizer(config.train, params)
-    name = which if checkpoint.exists(out_dir, which) else "latest"
+    name = "latest" if which == "best" and not checkpoint.exists(out_dir, "best") else which
     return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
 
 
@@ -385,13 +548,14 @@ def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:
                         "was trained on (--input=PATH)")
 
 
-def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "") -> dict:
-    """Exact loss of a run's best checkpoint over a whole split, in nats/token and bits/char.
+def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "",
+             which: str | int = "best") -> dict:
+    """Exact loss of a run's checkpoint `which` (best by default) over a whole split, in nats/token and bits/char.
 
     input_path replaces the run's corpus file (e.g. for a run imported without one).
     """
     check_range("eval_batch_size", batch_size, "batch_size")
-    config, graphdef, params = load_run(out_dir)
+    config, graphdef, params = load_run(out_dir, which)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
     check_tokenizer(out_dir, prep)

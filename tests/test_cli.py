@@ -19,8 +19,10 @@ def tiny_run(shakespeare, tmp_path_factory):
 def test_train_end_to_end(tiny_run):
     out, r = tiny_run
     assert "step 30: train loss" in r.stderr + r.stdout and "sample:" in r.stdout
-    for f in ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "checkpoints/best", "checkpoints/latest"):
+    for f in ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "checkpoints/step_00000020",
+              "checkpoints/step_00000030"):
         assert os.path.exists(os.path.join(out, f)), f
+    assert len(os.listdir(os.path.join(out, "checkpoints"))) == 3  # the newest 2 (--keep_checkpoints) and the best
 
 
 def test_sample_eval_cli(tiny_run):

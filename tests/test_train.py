@@ -140,8 +140,8 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     state = init_state(params, tx)
     for i in range(3):
         state, _ = step(state, *_batch(seed=i), jax.random.PRNGKey(0))
-    checkpoint.save(str(tmp_path), "latest", state)
-    checkpoint.save(str(tmp_path), "latest", state)  # replacing an existing one works too
+    checkpoint.save(str(tmp_path), 3, state)
+    checkpoint.save(str(tmp_path), 3, state)  # replacing an existing one works too
     _, fresh_params, _, _ = _setup()
     restored = checkpoint.restore(str(tmp_path), "latest", init_state(fresh_params, tx))
     assert jax.tree.structure(restored) == jax.tree.structure(state)

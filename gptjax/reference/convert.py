@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import pickle
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import optax
 import torch
 
 from gptjax import checkpoint, model, tokenizers, train
-from gptjax.config import Config, DataConfig, ModelConfig, TrainConfig, field_types
+from gptjax.config import INT_MAX, Config, DataConfig, ModelConfig, TrainConfig, field_types, validate
 from gptjax.errors import UserError
 from gptjax.reference.nanogpt import get_lr
 
@@ -200,12 +200,12 @@ def train_state_from_nanogpt(ckpt: dict, config: Config):
                           best_val_loss=jnp.asarray(float(best), jnp.float32))
 
 
-def export_nanogpt(out_dir: str, path: str, force: bool = False) -> dict:
-    """Write a run's best checkpoint as nanoGPT's ckpt.pt (model, model_args, iter_num, best_val_loss, config).
+def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | int = "best") -> dict:
+    """Write a run's checkpoint `which` (best by default) as nanoGPT's ckpt.pt (model, model_args, iter_num, best_val_loss, config).
 
     A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
     """
-    config, _, state = train.load_state(out_dir)
+    config, _, state = train.load_state(out_dir, which)
     c = config.model
     if c.model != "gpt":
         raise UserError(f"{out_dir} holds a {c.model} model; nanoGPT checkpoints hold its GPT only")
@@ -232,10 +232,16 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False) -> dict:
 
 
 def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """Write through a temporary file of our own (a unique name beside path), then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 class _DataOnly(pickle.Unpickler):
@@ -326,12 +332,26 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     dataset = saved.get("dataset") if isinstance(saved.get("dataset"), str) else "shakespeare_char"
     config = Config(model=c, data=DataConfig(dataset=dataset, tokenizer=tok.name),
                     train=dataclasses.replace(TrainConfig(**carried), out_dir=out_dir, init_from="scratch"))
+    validate(config)  # nanoGPT's settings as carried over: dropout, betas, learning rates...
+    _check_progress(path, ckpt)
     state = train_state_from_nanogpt(dict(ckpt, model=sd), config)  # every check before anything is written
-    train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
-    tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
-    checkpoint.save(out_dir, "best", state)
-    checkpoint.save(out_dir, "latest", state, copy_of="best")
+    train.check_out_dir(out_dir)
+    train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
+    with train.run_lock(out_dir, "import"):
+        if force:
+            train.claim_out_dir(out_dir, force, "")
+        train.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+        tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
+        checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
     return config, state
+
+
+def _check_progress(path: str, ckpt: dict) -> None:
+    """iter_num and best_val_loss, where the file has them, must be a step count and a loss."""
+    step, best = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", float("inf"))
+    if isinstance(best, torch.Tensor) and best.numel() == 1:
+        best = best.item()
+    if type(step) is not int or not 0 <= step <= INT_MAX:
+        raise UserError(f"{path}: iter_num={step!r} is not a step count (an integer from 0 to {INT_MAX})")
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or best != best or best < 0:
+        raise UserError(f"{path}: best_val_loss={best!r} is not a loss (a number >= 0)")

@@ -1,0 +1,201 @@
+"""Runs that survive: kills at any moment, SIGINT/SIGTERM, non-finite losses, a second process, damaged checkpoints,
+and run directories that cannot be written."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_cli
+from crashing import crash_and_resume, metrics
+
+from gptjax import checkpoint, cli, train
+
+BAR = re.compile(r"\|.*\d+/\d+ \[")  # a tqdm progress line
+
+
+def _tiny(shakespeare, *args):
+    return ["--config=tiny", f"--input={shakespeare}", *args]
+
+
+def _user_error(capsys, *argv) -> str:
+    """Run the CLI in-process; it must exit 2 with one line on stderr (after train's progress bar, if any)."""
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not BAR.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("gptjax: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _latest_params(out):
+    return jax.tree.leaves(train.load_state(str(out), "latest")[2])
+
+
+def _snapshot(out) -> dict:
+    """Every file under out with its bytes (but the lock's holder): to show that nothing was changed."""
+    found = {}
+    for base, _, names in os.walk(out):
+        for name in set(names) - {train.LOCK_FILE}:
+            p = os.path.join(base, name)
+            with open(p, "rb") as f:
+                found[os.path.relpath(p, out)] = f.read()
+    return found
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, shakespeare):
+    """SIGKILL at >= 10 moments (inside checkpoint saves, mid-training, during start-up and restore), resumed each
+    time with the plain `--init_from=resume --out_dir=DIR`: the metrics and final weights equal the straight run's."""
+    args = _tiny(shakespeare, "--max_iters=300", "--eval_interval=5", "--dropout=0.1", "--keep_checkpoints=2")
+    straight = tmp_path / "straight"
+    r = run_cli("train", *args, f"--out_dir={straight}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    crashed = tmp_path / "crashed"
+    log = crash_and_resume(args, str(crashed), kills=10, seed=1)
+    killed = [rec for rec in log if rec["killed"]]
+    assert len(killed) >= 10
+    assert sum(rec["inside_save"] for rec in killed) >= 2, log  # a save's .tmp_ directory outlived the process
+    assert metrics(str(crashed)) == metrics(str(straight))
+    for a, b in zip(_latest_params(crashed), _latest_params(straight)):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.steps(str(crashed)) == [295, 300]
+
+
+def _start_and_wait_for_compile(shakespeare, out, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax", "train", *_tiny(shakespeare, *args), f"--out_dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = ""
+    while "compiled the train step" not in output:
+        line = proc.stdout.readline()
+        assert line, output
+        output += line
+    return proc, output
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_the_step_reached_and_resume_finishes_the_run(tmp_path, shakespeare, sig, code):
+    """SIGINT/SIGTERM: the step in flight finishes, `latest` is saved at that step, the line says how to resume,
+    exit 130/143; resuming ends where an uninterrupted run ends."""
+    args = ("--max_iters=100000", "--eval_interval=50000")
+    out = tmp_path / "run"
+    proc, _ = _start_and_wait_for_compile(shakespeare, out, *args)
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, rest[-2000:]
+    last = rest.strip().splitlines()[-1]
+    step = checkpoint.steps(str(out))[-1]
+    assert last == (f"gptjax: {signal.Signals(sig).name} at step {step}: saved {checkpoint.resolve(str(out), 'latest')}"
+                    f"; continue with gptjax train --init_from=resume --out_dir={out}"), last
+    assert 0 < step < 50000  # saved between evals: the steps since the last one are not lost
+    end = step + 7
+    r = run_cli("train", "--init_from=resume", f"--out_dir={out}", f"--max_iters={end}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = tmp_path / "straight"
+    r = run_cli("train", *_tiny(shakespeare, f"--max_iters={end}", "--eval_interval=50000"), f"--out_dir={straight}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics(str(out)) == metrics(str(straight))
+    for a, b in zip(_latest_params(out), _latest_params(straight)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_first_signal_leaves_the_second_to_kill_at_once():
+    """After the first SIGINT the loop is asked to stop, and SIGINT/SIGTERM are back to their default action, so a
+    second one ends the process even while it waits inside a long device call."""
+    with train._StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL == signal.getsignal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path, shakespeare):
+    out = tmp_path / "run"
+    r = run_cli("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = _snapshot(out / "checkpoints")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}",
+                      "--max_iters=30", "--learning_rate=1e30", "--grad_clip=0")
+    assert "step 11: the gradient norm (nan) is not finite, so training stopped; the last good checkpoint, " \
+           f"{checkpoint.resolve(str(out), 'latest')}, is kept" in err, err
+    assert _snapshot(out / "checkpoints") == before
+    now = (out / "metrics.jsonl").read_text().splitlines()  # step 10's row is the resumed run's own eval
+    assert now[:2] == rows[:2] and [json.loads(r)["step"] for r in now] == [0, 5, 10]
+    # A fresh run that diverges before its first checkpoint leaves nothing behind.
+    fresh = tmp_path / "fresh"
+    err = _user_error(capsys, "train", *_tiny(shakespeare, "--learning_rate=1e30", "--grad_clip=0"),
+                      f"--out_dir={fresh}")
+    assert "no checkpoint was saved" in err and not fresh.exists()
+
+
+def test_a_second_process_on_the_same_run_is_refused(capsys, tmp_path, shakespeare):
+    out = tmp_path / "run"
+    r = run_cli("train", *_tiny(shakespeare, "--max_iters=5"), f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = _snapshot(out)
+    with train.run_lock(str(out), "train"):
+        err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
+        assert f"{out} is in use by gptjax train (pid {os.getpid()})" in err, err
+        err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", "--force")
+        assert "is in use by" in err
+    assert _snapshot(out) == before  # --force removed nothing while the run was held
+    r = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")  # released: it goes on
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "FILE", "FILE/sub", "/proc/gptjax-run"])
+def test_out_dir_that_cannot_hold_a_run(capsys, tmp_path, shakespeare, bad):
+    (tmp_path / "FILE").write_text("keep me")
+    out = bad.replace("FILE", str(tmp_path / "FILE"))
+    err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}")
+    assert "--out_dir" in err, err
+    assert (tmp_path / "FILE").read_text() == "keep me"
+    assert not (tmp_path / "data").exists()  # refused before the data was prepared
+
+
+def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    r = run_cli("train", *_tiny(shakespeare, "--max_iters=40", "--eval_interval=5", "--keep_checkpoints=3"),
+                f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_step = min(rows[1:], key=lambda row: row["val_loss"])["step"]
+    names = sorted(os.listdir(out / "checkpoints"))
+    assert names == sorted({f"best_{best_step:08d}", "step_00000030", "step_00000035", "step_00000040"}), names
+    state = train.load_state(str(out), "best")[2]
+    assert float(state.best_val_loss) == pytest.approx(min(r["val_loss"] for r in rows[1:]), rel=1e-6)
+    assert int(state.step) == best_step
+    assert int(train.load_state(str(out), 35)[2].step) == 35
+
+
+def test_damaged_checkpoint_is_named_in_one_line(capsys, tmp_path, shakespeare):
+    out = tmp_path / "run"
+    r = run_cli("train", *_tiny(shakespeare, "--max_iters=20", "--eval_interval=10"), f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = checkpoint.resolve(str(out), "best")
+    files = sorted((os.path.join(b, n) for b, _, ns in os.walk(best) for n in ns), key=os.path.getsize)
+    with open(files[-1], "r+b") as f:  # the largest file: the arrays
+        f.truncate(os.path.getsize(files[-1]) // 2)
+    for argv in (("sample", f"--out_dir={out}", "--max_new_tokens=5"), ("eval", f"--out_dir={out}"),
+                 ("export", f"--out_dir={out}", str(tmp_path / "ckpt.pt"))):
+        err = _user_error(capsys, *argv)
+        assert f"checkpoint {best} is damaged" in err and "--checkpoint=best|latest|STEP" in err, err
+    assert not (tmp_path / "ckpt.pt").exists()
+    assert cli.main(["sample", f"--out_dir={out}", "--max_new_tokens=5", "--checkpoint=latest"]) == 0
+    assert cli.main(["eval", f"--out_dir={out}", "--checkpoint=10"]) == 0
+    capsys.readouterr()
+    err = _user_error(capsys, "eval", f"--out_dir={out}", "--checkpoint=15")
+    assert "has no '15' checkpoint (steps 10, 20; best at step 20)" in err, err
+
+
+def test_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n{"step": 10, "val')
+    train._keep_metrics_before(str(path), 10)
+    assert path.read_text() == '{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n'
