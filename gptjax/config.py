@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import runpy
+import traceback
 import typing
 from dataclasses import dataclass, field
 
@@ -220,7 +221,15 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
 
 def _from_file(path: str) -> Config:
     """A file defining `config = Config(...)`, or nanoGPT-style globals (`n_layer = 4`) on top of `base`."""
-    ns = runpy.run_path(path)
+    try:
+        ns = runpy.run_path(path)
+    except SyntaxError as e:
+        raise UserError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}; fix it") from None
+    except Exception as e:  # the user's own code: whatever it raises is theirs to fix, not a gptjax bug
+        line = traceback.extract_tb(e.__traceback__)[-1].lineno if e.__traceback__ else "?"
+        raise UserError(f"config file {path} raised {type(e).__name__} at line {line}: {e}; fix it") from None
+    except SystemExit as e:
+        raise UserError(f"config file {path} called exit({e.code}): a config file only sets values") from None
     if isinstance(ns.get("config"), Config):
         return ns["config"]
     base = ns.get("base", "shakespeare_char")

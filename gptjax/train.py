@@ -348,8 +348,41 @@ def setup(config: Config):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
+    check_memory(config)
     graphdef, params = model.split(model.create(config.model, config.train.seed))
     return config, prep, graphdef, params, make_optimizer(config.train, params)
+
+
+def _available_bytes() -> tuple[int | None, int | None]:
+    """(device memory limit, host memory available) in bytes; None where it cannot be read."""
+    stats = jax.devices()[0].memory_stats() or {}
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return stats.get("bytes_limit") or host, host
+
+
+def check_memory(config: Config) -> None:
+    """Refuse, before allocating, a model or a batch that cannot fit: a clear line instead of an allocator's
+    failure (or, on a host that overcommits, the kernel's OOM killer)."""
+    m, t = config.model, config.train
+    shapes = jax.eval_shape(lambda: model.split(model.create(m, t.seed))[1])
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    device, host = _available_bytes()
+    gb = 1024**3
+    if device is not None and 16 * n > device:  # float32 weights, gradients and AdamW's two moments
+        raise UserError(f"out of memory: the model has {n:,} parameters, which need {16 * n / gb:.1f} GiB for weights, "
+                        f"gradients and AdamW state; {device / gb:.1f} GiB is available: lower --n_embd, --n_layer "
+                        "or --vocab_size")
+    rows = max(t.gradient_accumulation_steps * t.batch_size, t.eval_iters * t.batch_size)
+    batch = rows * (m.block_size + 1) * 16  # sampled indices, gathered tokens and the int32 copies
+    if host is not None and batch > host:
+        raise UserError(f"out of memory: a batch of {rows:,} x {m.block_size + 1} tokens (--batch_size x "
+                        f"--gradient_accumulation_steps or --eval_iters) needs {batch / gb:.1f} GiB of host memory; "
+                        f"{host / gb:.1f} GiB is available: lower --batch_size or --eval_iters")
 
 
 def train(config: Config, force: bool = False, progress: bool = True) -> dict:
@@ -429,10 +462,10 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
     history = []
     compile_s = None
     bar = tqdm(total=t.max_iters, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    x, y = batch(start)
     prev = None  # last step's metrics: fetched a step late so the host never waits on the step just queued
     interval_start, interval_steps = time.perf_counter(), 0
     try:
+        x, y = batch(start)
         with _StopOnSignal() as stop:
             for step in range(start, t.max_iters + 1):
                 if stop.signum is not None:
@@ -530,7 +563,7 @@ def load_run(out_dir: str, which: str | int = "best"):
 
 
 def load_state(out_dir: str, which: str | int = "best"):
-    """(config, graphdef, TrainState) of a trained run, from checkpoint `which`: best (else latest), latest, or a step."""
+    """(config, graphdef, TrainState) of a run, from checkpoint `which`: best (else latest), latest, or a step."""
     config = saved_config(out_dir)
     if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")

@@ -38,6 +38,24 @@ def test_sample_eval_cli(tiny_run):
     assert "bits/char" in r.stdout and "111,539 tokens" in r.stdout
 
 
+def test_sample_cli_passes_every_option_through(tiny_run, capsys):
+    """`gptjax sample`'s --temperature, --top_k, --seed, --checkpoint and --start reach the sampler: a temperature
+    near 0 and top_k=1 are both greedy and agree; the default sampling differs; each option changes the text."""
+    out, _ = tiny_run
+
+    def text(*args):
+        assert cli.main(["sample", f"--out_dir={out}", "--start=KING:", "--max_new_tokens=60", *args]) == 0
+        return capsys.readouterr().out
+
+    greedy = text("--temperature=0.000001", "--top_k=0")
+    assert text("--top_k=1", "--temperature=5") == greedy
+    default = text()
+    assert default != greedy and default.startswith("KING:")
+    assert text("--seed=2") != default and text("--top_k=2") != default and text("--temperature=1.5") != default
+    assert text("--checkpoint=20", "--temperature=0.000001", "--top_k=0") != greedy  # an earlier checkpoint
+    assert text("--start=QUEEN:").startswith("QUEEN:")
+
+
 def test_prepare_and_bench(shakespeare):
     r = run_cli("prepare", "--config=tiny", f"--input={shakespeare}")
     assert r.returncode == 0, r.stderr[-2000:]

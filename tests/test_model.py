@@ -84,6 +84,46 @@ def test_future_tokens_do_not_change_past_logits():
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
 
+@pytest.mark.parametrize("cfg, key", [
+    (CFG, None),
+    (dataclasses.replace(CFG, bias=True, tie_weights=False, dropout=0.3), jax.random.PRNGKey(1)),  # training mode
+    (dataclasses.replace(CFG, model="bigram"), None),
+], ids=["gpt", "gpt-dropout", "bigram"])
+def test_no_position_sees_any_later_token(cfg, key):
+    """For every position t, changing all the tokens after t leaves the logits at 0..t bit-identical: row t of one
+    batch changes tokens t+1..T-1. Guards against a leak anywhere in the mask (say T-2 seeing T-1), which checks
+    that probe a few positions miss."""
+    T, V = cfg.block_size, cfg.vocab_size
+    graphdef, params = model.split(model.create(cfg, 0))
+    x_TT = jnp.tile(_tokens(B=1, T=T), (T, 1))
+    after_TT = jnp.arange(T)[None, :] > jnp.arange(T)[:, None]  # row t: positions t+1..T-1
+    shift_TT = jnp.asarray(np.random.default_rng(1).integers(1, V, (T, T)), jnp.int32)
+    changed_TT = jnp.where(after_TT, (x_TT + shift_TT) % V, x_TT)  # every later token takes another value
+    logits = jax.jit(lambda x: model.apply(graphdef, params, x, key))
+    a, b = np.asarray(logits(x_TT)), np.asarray(logits(changed_TT))
+    for t in range(T):
+        np.testing.assert_array_equal(a[t, :t + 1], b[t, :t + 1], err_msg=f"positions <= {t} see a later token")
+        if t + 1 < T:  # the change is visible where it may be: the check has power
+            assert not np.allclose(a[t, t + 1:], b[t, t + 1:]), t
+
+
+def test_bigram_table_starts_standard_normal():
+    """The seeds' nn.Embedding(V, V) draws its table from N(0, 1). Both frameworks start from gptjax's table in the
+    parity tests, so only this sees a wrong initialisation: mean 0, std 1, 68.3% within one std (5-sigma bounds
+    for 4225 draws), which GPT's N(0, 0.02), a uniform table or a constant one fail."""
+    c = ModelConfig(model="bigram", vocab_size=65, block_size=8)
+    table = np.asarray(model.param_names(model.split(model.create(c, 0))[1])["token_embedding_table.weight"],
+                       np.float64)
+    n = table.size
+    assert table.shape == (65, 65)
+    assert abs(table.mean()) < 5 / np.sqrt(n), table.mean()
+    assert abs(table.std() - 1.0) < 5 / np.sqrt(2 * n), table.std()
+    within = float((np.abs(table) < 1.0).mean())
+    assert abs(within - 0.6827) < 5 * np.sqrt(0.6827 * 0.3173 / n), within
+    other = np.asarray(model.param_names(model.split(model.create(c, 1))[1])["token_embedding_table.weight"])
+    assert not np.array_equal(table, other)  # drawn from the seed
+
+
 def test_jit_equals_no_jit():
     graphdef, params = model.split(model.create(CFG, 0))
     x = _tokens()

@@ -164,3 +164,39 @@ def test_a_bigram_run_cannot_become_a_nanogpt_checkpoint(shakespeare, tmp_path, 
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bigram model" in fails("export", f"--out_dir={run}", "--to=nanogpt", str(tmp_path / "b.pt"))
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_import_refuses_impossible_fields_before_writing(exported, tmp_path, fails):
+    """iter_num=-5 or dropout=1.5 in the file, or a --meta vocabulary the model cannot hold: one line, no run dir."""
+    run, ckpt = exported
+    original = torch.load(ckpt, weights_only=True)
+    out = tmp_path / "new"
+    for name, edit, needle in (("neg", {"iter_num": -5}, "iter_num=-5 is not a step count"),
+                               ("drop", {"model_args": {**original["model_args"], "dropout": 1.5}}, "--dropout=1.5"),
+                               ("beta", {"config": {**original["config"], "beta2": 2.0}}, "--beta2=2.0"),
+                               ("loss", {"best_val_loss": float("nan")}, "best_val_loss=nan is not a loss")):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(os.path.join(os.path.dirname(ckpt), "meta.pkl"), d)
+        torch.save({**original, **edit}, str(d / "ckpt.pt"))
+        assert needle in fails("import", "--from=nanogpt", str(d / "ckpt.pt"), f"--out_dir={out}")
+        assert not out.exists()
+    meta = tmp_path / "big_meta.pkl"
+    with open(meta, "wb") as f:
+        pickle.dump({"vocab_size": 80, "itos": {i: chr(200 + i) for i in range(80)},
+                     "stoi": {chr(200 + i): i for i in range(80)}}, f)
+    assert "80 tokens but the model only 65" in fails("import", "--from=nanogpt", ckpt, f"--meta={meta}",
+                                                      f"--out_dir={out}")
+    assert not out.exists()
+
+
+def test_export_leaves_temporary_files_it_did_not_make(exported, tmp_path):
+    """A FILE.pt.tmp or meta.pkl.tmp already beside the target is somebody else's: export writes through names of
+    its own and leaves those files as they were."""
+    run, _ = exported
+    target = tmp_path / "ckpt.pt"
+    for name in ("ckpt.pt.tmp", "meta.pkl.tmp"):
+        (tmp_path / name).write_text("not gptjax's")
+    assert cli.main(["export", f"--out_dir={run}", "--to=nanogpt", str(target)]) == 0
+    assert all((tmp_path / n).read_text() == "not gptjax's" for n in ("ckpt.pt.tmp", "meta.pkl.tmp"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp", "meta.pkl", "meta.pkl.tmp"]

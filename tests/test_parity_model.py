@@ -2,6 +2,7 @@
 distributions; the weight conversion is exact; and the checks catch the silent differences of JAX ports."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,47 @@ def test_tanh_gelu_disagreement_is_detected(monkeypatch):
     params = _weights(c, 0)
     monkeypatch.setattr(model, "gelu", lambda h: jax.nn.gelu(h, approximate=True))
     r = parity.forward_backward(c, params, x, y)
+    assert r["logits"] > TOL and r["grad"] > TOL
+
+
+def _port_attention(scale_by_width: bool):
+    """CausalSelfAttention.__call__ (without dropout) as a port writes it; scale_by_width divides the scores by
+    sqrt(n_embd) where nanoGPT divides by sqrt(head size)."""
+
+    def call(self, x_BTD, key=None):
+        B, T, D = x_BTD.shape
+        H = self.n_head
+        q_BTHK, k_BTHK, v_BTHK = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3 * H, D // H), 3, axis=2)
+        att_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) / math.sqrt(D if scale_by_width else D // H)
+        att_BHTT = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), att_BHTT, -jnp.inf), axis=-1)
+        return self.c_proj(jnp.einsum("bhts,bshk->bthk", att_BHTT, v_BTHK).reshape(B, T, D))
+
+    return call
+
+
+def test_attention_scale_disagreement_is_detected(monkeypatch):
+    """Attention scores over sqrt(n_embd) instead of sqrt(head size), patched into gptjax's model: the parity check
+    must see it. The same attention with the right scale agrees, so the scale alone is what it sees."""
+    c, x, y = _case()
+    params = _weights(c, 0)
+    monkeypatch.setattr(model.CausalSelfAttention, "__call__", _port_attention(scale_by_width=False))
+    _assert_parity(parity.forward_backward(c, params, x, y))
+    monkeypatch.setattr(model.CausalSelfAttention, "__call__", _port_attention(scale_by_width=True))
+    r = parity.forward_backward(c, params, x, y)
+    assert r["logits"] > TOL and r["grad"] > TOL
+
+
+def test_post_layernorm_residual_disagreement_is_detected(monkeypatch):
+    """The original Transformer's post-LN block, LayerNorm(x + sublayer(x)), patched into gptjax's model where
+    nanoGPT (GPT-2) adds sublayer(LayerNorm(x)) to the residual stream: the parity check must see it."""
+    c, x, y = _case()
+
+    def post_ln(self, x_BTD, key=None):
+        x_BTD = self.ln_1(x_BTD + self.attn(x_BTD))
+        return self.ln_2(x_BTD + self.mlp(x_BTD))
+
+    monkeypatch.setattr(model.Block, "__call__", post_ln)
+    r = parity.forward_backward(c, _weights(c, 0), x, y)
     assert r["logits"] > TOL and r["grad"] > TOL
 
 

@@ -201,7 +201,8 @@ def train_state_from_nanogpt(ckpt: dict, config: Config):
 
 
 def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | int = "best") -> dict:
-    """Write a run's checkpoint `which` (best by default) as nanoGPT's ckpt.pt (model, model_args, iter_num, best_val_loss, config).
+    """Write a run's checkpoint `which` (best by default) as nanoGPT's ckpt.pt: model, model_args, iter_num,
+    best_val_loss, config.
 
     A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
     """
