@@ -24,61 +24,78 @@ def metrics(out: str) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-def _wait_for_output(proc, needle: str, deadline: float) -> bool:
-    """Read the process's merged output until a line holds needle; False if it ended first."""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            return False
-        if needle in line:
-            return True
+def _in_save(out: str, since: float = 0.0) -> bool:
+    """A checkpoint save under way: a save's temporary directory, made at or after `since` (a time.time())."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return False
+    for name in os.listdir(root):
+        if name.startswith((".tmp_step", ".tmp_best")):
+            try:
+                if os.stat(os.path.join(root, name)).st_mtime >= since:
+                    return True
+            except FileNotFoundError:  # committed or removed while we looked
+                pass
     return False
 
 
-def _in_save(out: str) -> bool:
-    root = os.path.join(out, "checkpoints")
-    return os.path.isdir(root) and any(n.startswith(".tmp_step") or n.startswith(".tmp_best")
-                                       for n in os.listdir(root))
+def _newest(out: str) -> int:
+    """The step of the newest committed checkpoint; -1 if there is none."""
+    from gptjax import checkpoint
+
+    kept = checkpoint.steps(out)
+    return kept[-1] if kept else -1
+
+
+def _poll(proc, done, deadline: float) -> bool:
+    """Poll until done() or the process ends; True if done() came first."""
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.0005)  # polling for an event; what the kill did is checked afterwards, not timed
+    return False
 
 
 def crash_and_resume(train_args: list[str], out: str, kills: int, seed: int = 0, timeout: float = 300.0) -> list[dict]:
     """Start `gptjax train *train_args --out_dir=out`, SIGKILL it, resume with `gptjax train --init_from=resume
-    --out_dir=out`, again and again: at least `kills` kills, then one resume runs to the end.
+    --out_dir=out`, again and again: `kills` kills, then one resume runs to the end.
 
-    The moments cycle through three kinds: as soon as a checkpoint save is under way (a .tmp_ directory in
-    checkpoints/), a random time after the train step has compiled, and a random time after the process started
-    (import, setup, restore). The first process is killed only once it has compiled, so the run exists.
-    Returns one record per process: its kind, whether it was killed, what it was doing, and its exit status.
+    The moments cycle through three kinds. `in_save`: once the process has committed a checkpoint of its own, as
+    soon as its next save is under way (a .tmp_ directory in checkpoints/). `mid_training`: a random time up to
+    0.3 s after it committed a checkpoint of its own. `from_start`: a random time up to 4 s after it started
+    (import, setup, restore, compile). The first process is killed mid-training, so the run exists and has a
+    checkpoint. Returns one record per process: the step it resumed from, the kind of moment, whether it was
+    killed and inside a save, its exit status and the checkpoints it left.
     """
     rng = random.Random(seed)
     log = []
     deadline = time.monotonic() + timeout
-    kinds = ("in_save", "after_compile", "from_start")
+    kinds = ("in_save", "mid_training", "from_start")
     while True:
         first = not log
         cmd = gptjax("train", *train_args, f"--out_dir={out}") if first else \
             gptjax("train", "--init_from=resume", f"--out_dir={out}")
         kill = sum(r["killed"] for r in log) < kills
-        kind = kinds[len(log) % 3] if kill and not first else ("after_compile" if kill else "to_the_end")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        kind = ("mid_training" if first else kinds[len(log) % 3]) if kill else "to_the_end"
+        start, started = _newest(out), time.time() - 1.0  # (mtimes may be coarser than time.time())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         record = {"process": len(log) + 1, "command": "train" if first else "train --init_from=resume",
-                  "kind": kind, "killed": False, "inside_save": False}
-        if kind == "in_save":
-            while proc.poll() is None and not _in_save(out) and time.monotonic() < deadline:
-                time.sleep(0.0005)  # polling for the save to begin; the kill's outcome is checked, not timed
-        elif kind == "after_compile":
-            _wait_for_output(proc, "compiled the train step", deadline)
-            time.sleep(rng.uniform(0.0, 0.8))
+                  "from_step": max(start, 0), "kind": kind, "killed": False, "inside_save": False}
+        if kind in ("in_save", "mid_training"):
+            progressed = _poll(proc, lambda s=start: _newest(out) > s, deadline)
+            if progressed and kind == "in_save":
+                _poll(proc, lambda t=started: _in_save(out, t), deadline)
+            elif progressed:
+                time.sleep(rng.uniform(0.0, 0.3))
         elif kind == "from_start":
             time.sleep(rng.uniform(0.0, 4.0))
         if kind != "to_the_end" and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             record["killed"] = True
-            record["inside_save"] = _in_save(out)  # the save's temporary directory outlived the process
+            record["inside_save"] = _in_save(out, started)  # this process's save outlived it, unfinished
         rest = proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0]
         record["exit"] = proc.returncode
-        record["tail"] = rest.strip().splitlines()[-1][:200] if rest.strip() else ""
         ckpts = os.path.join(out, "checkpoints")
         record["checkpoints_after"] = sorted(n for n in os.listdir(ckpts) if not n.startswith(".")) \
             if os.path.isdir(ckpts) else []
