@@ -257,3 +257,22 @@ def test_a_char_corpus_without_newlines_trains_and_samples(tmp_path, shakespeare
     assert r.returncode == 0, r.stderr[-2000:]
     text = r.stdout.split("sample:\n", 1)[1]
     assert text.startswith(" ") and len(text.strip()) > 100  # the vocabulary's first character: a space
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(capsys, tmp_path, shakespeare,
+                                                                            monkeypatch):
+    """A write that fails for want of space (or permission) names the run and the fix; what was saved stays."""
+    import errno
+
+    out = tmp_path / "run"
+    r = run_cli("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = _snapshot(out / "checkpoints")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoints" / ".tmp_step_00000015"))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=20")
+    assert f"cannot write the run in {out}: No space left on device" in err and "--init_from=resume" in err, err
+    assert _snapshot(out / "checkpoints") == before
