@@ -65,13 +65,8 @@ def exists(out_dir: str, which: str | int) -> bool:
 
 def _commit(tmp: str, final: str) -> None:
     if os.path.exists(final):  # the same step saved again (e.g. a resumed run): replace it, newest wins
-        head, name = os.path.split(final)
-        old = os.path.join(head, ".tmp_old_" + name)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+        _remove(final)
+    os.rename(tmp, final)
 
 
 def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> str:

@@ -255,10 +255,11 @@ def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> No
         if not force:
             raise UserError(f"{out} already holds a run: {advice}")
         if remove:
-            _remove_run_files(out)
+            remove_run_files(out)
 
 
-def _remove_run_files(out: str) -> None:
+def remove_run_files(out: str) -> None:
+    """Delete the files a run writes in out (its lock file stays)."""
     for f in RUN_FILES:
         p = os.path.join(out, f)
         shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
@@ -399,11 +400,11 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     with run_lock(out):
         try:
             if saved is None and force:
-                _remove_run_files(out)
+                remove_run_files(out)
             return _train(config, saved, t0, progress)
         except BaseException as e:
             if saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
-                _remove_run_files(out)
+                remove_run_files(out)
                 if made_dir:
                     shutil.rmtree(out, ignore_errors=True)
             expected = _expected_failure(e, out)

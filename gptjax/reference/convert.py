@@ -340,7 +340,7 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
     with train.run_lock(out_dir, "import"):
         if force:
-            train.claim_out_dir(out_dir, force, "")
+            train.remove_run_files(out_dir)
         train.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
         tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
         checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
