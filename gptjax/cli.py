@@ -13,8 +13,10 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
   train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
   sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
-           [--temperature=T] [--top_k=K] [--seed=S] [--checkpoint=best|latest|STEP]
+           [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=best|latest|STEP]
+           [--kv_cache=true|false] [--dtype=auto|float32|bfloat16] [--attention=auto|einsum|xla|cudnn]
   eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH] [--checkpoint=best|latest|STEP]
+           [--dtype=float32|bfloat16|auto]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile]
            [--workload=train|forward|generate] [--steps=N] [--eager_steps=N] [--warmup=N] [--repeats=R]
            [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
@@ -102,17 +104,27 @@ def cmd_train(opts, pos):
 def cmd_sample(opts, pos):
     from gptjax import sample
 
-    _only(opts, ("out_dir", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "checkpoint"),
-          "sample")
+    _only(opts, ("out_dir", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "checkpoint",
+                 "top_p", "kv_cache", "dtype", "attention"), "sample")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     texts = sample.sample(
         out_dir, start=_take(opts, "start", str, None), num_samples=_take(opts, "num_samples", int, 1),
         max_new_tokens=_take(opts, "max_new_tokens", int, 500), temperature=_take(opts, "temperature", float, 0.8),
         top_k=_take(opts, "top_k", int, 200), seed=_take(opts, "seed", int, 1337), checkpoint=_checkpoint(opts),
+        top_p=_take(opts, "top_p", float, 1.0), kv_cache=_take(opts, "kv_cache", bool, True),
+        dtype=_choice(opts, "dtype", ("auto", "float32", "bfloat16"), "auto"),
+        attention=_choice(opts, "attention", ("auto", "einsum", "xla", "cudnn"), "auto"),
     )
     for text in texts:
         print(text)
         print("---------------")
+
+
+def _choice(opts, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = _take(opts, key, str, default)
+    if value not in choices:
+        raise UserError(f"--{key}={value}: use one of {', '.join(choices)}")
+    return value
 
 
 def _checkpoint(opts) -> str | int:
@@ -128,13 +140,14 @@ def _checkpoint(opts) -> str | int:
 def cmd_eval(opts, pos):
     from gptjax import train
 
-    _only(opts, ("out_dir", "split", "batch_size", "input", "checkpoint"), "eval")
+    _only(opts, ("out_dir", "split", "batch_size", "input", "checkpoint", "dtype"), "eval")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
+    dtype = _choice(opts, "dtype", ("float32", "bfloat16", "auto"), "float32")
     r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""),
-                       which=_checkpoint(opts))
+                       which=_checkpoint(opts), dtype=dtype)
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 
@@ -206,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parallel.use_all_cores()
     parallel.reuse_freed_memory()
+    parallel.use_compilation_cache()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

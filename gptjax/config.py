@@ -56,6 +56,11 @@ class TrainConfig:
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     keep_checkpoints: int = 2  # step checkpoints kept (the newest), besides the best
+    # How the step runs, not what it computes: a resumed run may change these.
+    dtype: str = "auto"  # float32 | bfloat16 matmuls (parameters and AdamW stay float32); auto: bfloat16 on a GPU/TPU
+    attention: str = "auto"  # einsum | xla | cudnn (flash); auto: cudnn on a GPU in bfloat16 without dropout
+    scan_layers: bool = True  # the blocks run by one lax.scan (compile time flat in depth); False: unrolled
+    remat: str = "none"  # none | block: recompute each block's activations in the backward pass
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,7 @@ RANGES = {
     # sample
     "num_samples": (1, INT_MAX, False, False), "max_new_tokens": (0, INT_MAX, False, False),
     "temperature": (0.0, None, True, False), "top_k": (0, INT_MAX, False, False),  # top_k 0: no filtering
+    "top_p": (0.0, 1.0, True, False),  # top_p 1: no filtering
     # eval (0: the run's own batch size)
     "eval_batch_size": (0, INT_MAX, False, False),
     # bench
@@ -296,5 +302,10 @@ def validate(config: Config) -> None:
         raise UserError(f"--init_from={t.init_from}: use scratch or resume")
     if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:
         raise UserError(f"--lr_decay_iters={t.lr_decay_iters} must exceed --warmup_iters={t.warmup_iters}")
+    for key, value, choices in (("dtype", t.dtype, ("auto", "float32", "bfloat16")),
+                                ("attention", t.attention, ("auto", "einsum", "xla", "cudnn")),
+                                ("remat", t.remat, ("none", "block"))):
+        if value not in choices:
+            raise UserError(f"--{key}={value}: use one of {', '.join(choices)}")
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")

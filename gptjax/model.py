@@ -1,7 +1,13 @@
-"""The models, Bigram and GPT (nanoGPT's structure, names and initialisation), as flax NNX modules."""
+"""The models, Bigram and GPT (nanoGPT's structure, names and initialisation), as flax NNX modules.
+
+How a GPT runs (not what it computes) is its `Compute`: the matmul dtype, the attention kernel, the blocks run
+unrolled or by a scan, and rematerialisation. Parameters are float32 and laid out per layer (nanoGPT's names) in
+every case, so checkpoints, export and the parity suite never see the difference.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -25,8 +31,10 @@ def _linear_fwd(x, w):
 def _linear_bwd(res, g):
     # The barrier keeps XLA:CPU from fusing the incoming elementwise gradient (GELU', softmax') into a
     # transposing copy in front of the weight-gradient dot, which runs several times slower than either part.
+    # Other backends run their dots as library calls and get no such fusion, so they go without it.
     x, w = res
-    g = jax.lax.optimization_barrier(g)
+    if jax.default_backend() == "cpu":
+        g = jax.lax.optimization_barrier(g)
     dw = jnp.einsum("nc,nd->cd", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
     return g @ w.T, dw
 
@@ -80,20 +88,86 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How the forward pass runs; static (part of the graphdef), so each setting compiles its own program.
+
+    dtype: the dtype of matmul inputs and their outputs. LayerNorm statistics, softmax, the residual stream, the
+    logits and the loss stay float32, as under torch.autocast; parameters are float32 whatever it is.
+    attention: "einsum" (explicit scores, the only path with attention dropout), "xla" or "cudnn" (both through
+    jax.nn.dot_product_attention; cudnn is the fused flash kernel and needs a GPU and bfloat16).
+    scan: run the blocks with lax.scan over their parameters stacked at call time (compile time flat in depth).
+    remat: recompute each block's activations in the backward pass instead of storing them.
+    """
+
+    dtype: str = "float32"
+    attention: str = "einsum"
+    scan: bool = False
+    remat: bool = False
+
+    @property
+    def jdtype(self):
+        return jnp.dtype(self.dtype)
+
+
+DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("einsum", "xla", "cudnn")
+
+
+def supports_bfloat16(device=None) -> bool:
+    """bfloat16 matmuls at full speed: a TPU, or an NVIDIA GPU of compute capability 8.0 (Ampere) or later."""
+    device = device or jax.devices()[0]
+    if device.platform == "tpu":
+        return True
+    if device.platform == "gpu":
+        try:
+            return float(getattr(device, "compute_capability", "0")) >= 8.0
+        except ValueError:
+            return False
+    return False
+
+
+def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = False, remat: str = "none",
+                    attention_dropout: float = 0.0, device=None) -> Compute:
+    """The Compute for the command-line choices on `device` (default: JAX's first device).
+
+    auto dtype: bfloat16 where the device runs it fast (see supports_bfloat16), float32 elsewhere (a CPU).
+    auto attention: cudnn on a GPU in bfloat16 without attention dropout, the einsum path otherwise.
+    A choice the device or the settings cannot run is a UserError naming it and the fix.
+    """
+    from gptjax.errors import UserError
+
+    device = device or jax.devices()[0]
+    dtype = ("bfloat16" if supports_bfloat16(device) else "float32") if dtype == "auto" else dtype
+    if attention == "auto":
+        attention = "cudnn" if (device.platform == "gpu" and dtype == "bfloat16" and attention_dropout == 0.0) \
+            else "einsum"
+    if attention == "cudnn" and device.platform != "gpu":
+        raise UserError(f"--attention=cudnn needs an NVIDIA GPU (this is a {device.platform}): use --attention=auto")
+    if attention == "cudnn" and dtype != "bfloat16":
+        raise UserError("--attention=cudnn runs in bfloat16 only: add --dtype=bfloat16, or use --attention=xla")
+    if attention in ("xla", "cudnn") and attention_dropout > 0.0:
+        raise UserError(f"--attention={attention} has no attention dropout and --dropout={attention_dropout}: use "
+                        "--attention=einsum (or auto), or --dropout=0")
+    return Compute(dtype=dtype, attention=attention, scan=scan, remat=remat == "block")
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
 class Linear(nnx.Module):
-    """y = x @ weight + bias, weight stored [in, out]."""
+    """y = x @ weight + bias, weight stored [in, out] in float32, the product taken in `dtype`."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, std: float, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, bias: bool, std: float, rngs: nnx.Rngs, dtype: str = "float32"):
         self.weight = nnx.Param(_normal(rngs, (d_in, d_out), std))
         self.bias = nnx.Param(jnp.zeros((d_out,))) if bias else None
+        self.dtype = dtype
 
     def __call__(self, x):
-        y = linear(x, self.weight[...])
-        return y if self.bias is None else y + self.bias[...]
+        dt = jnp.dtype(self.dtype)
+        y = linear(x.astype(dt), self.weight[...].astype(dt))
+        return y if self.bias is None else y + self.bias[...].astype(dt)
 
 
 class Embedding(nnx.Module):
@@ -118,75 +192,151 @@ class LayerNorm(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
         proj_std = 0.02 / math.sqrt(2 * c.n_layer)  # GPT-2: residual projections scaled by depth
-        self.c_attn = Linear(c.n_embd, 3 * c.n_embd, c.bias, 0.02, rngs)
-        self.c_proj = Linear(c.n_embd, c.n_embd, c.bias, proj_std, rngs)
+        self.c_attn = Linear(c.n_embd, 3 * c.n_embd, c.bias, 0.02, rngs, compute.dtype)
+        self.c_proj = Linear(c.n_embd, c.n_embd, c.bias, proj_std, rngs, compute.dtype)
         self.n_head = c.n_head
         self.dropout = c.dropout
+        self.attention = compute.attention
 
-    def __call__(self, x_BTD, key=None):
+    def __call__(self, x_BTD, key=None, kv=None, pos=None):
+        """Causal self-attention over x; with kv=(k, v) caches [B, S, H, K] and the absolute position `pos` of
+        x's first token, x's keys and values are written into the caches at pos and the queries attend to every
+        cached position up to their own: returns (y, (k, v))."""
         B, T, D = x_BTD.shape
         H = self.n_head
         k_att, k_res = jax.random.split(key) if key is not None else (None, None)
         q_BTHK, k_BTHK, v_BTHK = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3 * H, D // H), 3, axis=2)
-        att_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) * (1.0 / math.sqrt(D // H))
-        causal_TT = jnp.tril(jnp.ones((T, T), bool))
-        att_BHTT = jax.nn.softmax(jnp.where(causal_TT, att_BHTT, -jnp.inf), axis=-1)
-        att_BHTT = dropout(att_BHTT, self.dropout, k_att)
-        y_BTD = jnp.einsum("bhts,bshk->bthk", att_BHTT, v_BTHK).reshape(B, T, D)
-        return dropout(self.c_proj(y_BTD), self.dropout, k_res)
+        scale = 1.0 / math.sqrt(D // H)
+        if kv is not None:
+            k_BSHK = jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, pos, 0, 0))
+            v_BSHK = jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, pos, 0, 0))
+            mask_TS = jnp.arange(k_BSHK.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
+            y_BTD = _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, 0.0, None).reshape(B, T, D)
+            return self.c_proj(y_BTD), (k_BSHK, v_BSHK)
+        if self.attention == "einsum":
+            causal_TT = jnp.tril(jnp.ones((T, T), bool))
+            y_BTHK = _einsum_attention(q_BTHK, k_BTHK, v_BTHK, causal_TT, scale, self.dropout, k_att)
+        else:
+            y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=scale, is_causal=True,
+                                                  implementation=self.attention)
+        return dropout(self.c_proj(y_BTHK.reshape(B, T, D)), self.dropout, k_res)
+
+
+def _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, rate, key):
+    """softmax(q·kᵀ·scale, masked) · v: scores and softmax in float32, the weighted sum in q's dtype."""
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) * scale
+    att_BHTS = jax.nn.softmax(jnp.where(mask_TS, att_BHTS, -jnp.inf), axis=-1)
+    att_BHTS = dropout(att_BHTS, rate, key)
+    return jnp.einsum("bhts,bshk->bthk", att_BHTS.astype(v_BSHK.dtype), v_BSHK)
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
-        self.c_fc = Linear(c.n_embd, 4 * c.n_embd, c.bias, 0.02, rngs)
-        self.c_proj = Linear(4 * c.n_embd, c.n_embd, c.bias, 0.02 / math.sqrt(2 * c.n_layer), rngs)
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
+        self.c_fc = Linear(c.n_embd, 4 * c.n_embd, c.bias, 0.02, rngs, compute.dtype)
+        self.c_proj = Linear(4 * c.n_embd, c.n_embd, c.bias, 0.02 / math.sqrt(2 * c.n_layer), rngs, compute.dtype)
         self.dropout = c.dropout
 
     def __call__(self, x_BTD, key=None):
-        h_BTF = gelu(self.c_fc(x_BTD))
+        h_BTF = self.c_fc(x_BTD)
+        h_BTF = gelu(h_BTF.astype(jnp.float32)).astype(h_BTF.dtype)
         return dropout(self.c_proj(h_BTF), self.dropout, key)
 
 
 class Block(nnx.Module):
-    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
         self.ln_1 = LayerNorm(c.n_embd, c.bias)
-        self.attn = CausalSelfAttention(c, rngs)
+        self.attn = CausalSelfAttention(c, rngs, compute)
         self.ln_2 = LayerNorm(c.n_embd, c.bias)
-        self.mlp = MLP(c, rngs)
+        self.mlp = MLP(c, rngs, compute)
 
-    def __call__(self, x_BTD, key=None):
+    def __call__(self, x_BTD, key=None, kv=None, pos=None):
+        """x (float32 residual stream) -> x; with a kv cache (see CausalSelfAttention) -> (x, kv)."""
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), k_attn)
-        return x_BTD + self.mlp(self.ln_2(x_BTD), k_mlp)
+        if kv is not None:
+            a_BTD, kv = self.attn(self.ln_1(x_BTD), kv=kv, pos=pos)
+        else:
+            a_BTD = self.attn(self.ln_1(x_BTD), k_attn)
+        x_BTD = x_BTD + a_BTD.astype(jnp.float32)
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), k_mlp).astype(jnp.float32)
+        return x_BTD if kv is None else (x_BTD, kv)
+
+
+def _block_fn(block_graphdef, remat: bool):
+    """(block state, x, key) -> x: one block as a pure function, rematerialised in the backward pass if asked."""
+
+    def f(state, x_BTD, key):
+        return nnx.merge(block_graphdef, state)(x_BTD, key)
+
+    return jax.checkpoint(f) if remat else f
 
 
 class GPT(nnx.Module):
     """Token + position embeddings, n_layer pre-LN blocks, final LayerNorm, LM head (tied to wte by default)."""
 
-    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
         self.config = c
+        self.compute = compute
         self.wte = Embedding(c.vocab_size, c.n_embd, 0.02, rngs)
         self.wpe = Embedding(c.block_size, c.n_embd, 0.02, rngs)
-        self.h = nnx.List([Block(c, rngs) for _ in range(c.n_layer)])
+        self.h = nnx.List([Block(c, rngs, compute) for _ in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.bias)
-        self.lm_head = None if c.tie_weights else Linear(c.n_embd, c.vocab_size, False, 0.02, rngs)
+        self.lm_head = None if c.tie_weights else Linear(c.n_embd, c.vocab_size, False, 0.02, rngs, compute.dtype)
 
     def __call__(self, idx_BT, key=None):
-        """Logits [B, T, V]; key=None runs without dropout."""
+        """Logits [B, T, V] in float32; key=None runs without dropout."""
         T = idx_BT.shape[1]
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
-        keys = list(jax.random.split(key, self.config.n_layer + 1)) if key is not None else [None] * (
-            self.config.n_layer + 1)
+        L = self.config.n_layer
+        keys = jax.random.split(key, L + 1) if key is not None else None
         x_BTD = self.wte(idx_BT) + self.wpe(jnp.arange(T))
-        x_BTD = dropout(x_BTD, self.config.dropout, keys[0])
-        for block, k in zip(self.h, keys[1:]):
-            x_BTD = block(x_BTD, k)
-        x_BTD = self.ln_f(x_BTD)
-        if self.lm_head is None:
-            return linear(x_BTD, self.wte.weight[...].T)
-        return self.lm_head(x_BTD)
+        x_BTD = dropout(x_BTD, self.config.dropout, None if keys is None else keys[0])
+        graphdef = nnx.split(self.h[0])[0]
+        block = _block_fn(graphdef, self.compute.remat)
+        states = [nnx.split(b)[1] for b in self.h]
+        if self.compute.scan:
+            # The per-layer parameters are stacked here, inside the traced function: the scan compiles one block,
+            # and checkpoints keep nanoGPT's per-layer layout. The copy costs one read and write of the blocks.
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+            if keys is None:
+                x_BTD, _ = jax.lax.scan(lambda x, s: (block(s, x, None), None), x_BTD, stacked)
+            else:
+                x_BTD, _ = jax.lax.scan(lambda x, sk: (block(sk[0], x, sk[1]), None), x_BTD, (stacked, keys[1:]))
+        else:
+            for i, state in enumerate(states):
+                x_BTD = block(state, x_BTD, None if keys is None else keys[i + 1])
+        return self._logits(self.ln_f(x_BTD))
+
+    def _logits(self, x_BTD):
+        dt = self.compute.jdtype
+        w_DV = self.wte.weight[...].T if self.lm_head is None else self.lm_head.weight[...]
+        if dt == jnp.float32:
+            return linear(x_BTD, w_DV)
+        # Low-precision inputs, float32 products: the loss and sampling see float32 logits.
+        return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), w_DV.astype(dt), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int):
+        """Key and value caches for decode: n_layer x (k, v), each [B, block_size, n_head, head size], zeros."""
+        c = self.config
+        shape = (batch_size, c.block_size, c.n_head, c.n_embd // c.n_head)
+        return [(jnp.zeros(shape, self.compute.jdtype), jnp.zeros(shape, self.compute.jdtype))
+                for _ in range(c.n_layer)]
+
+    def decode(self, idx_BT, cache, pos):
+        """Logits [B, T, V] for tokens at absolute positions pos..pos+T-1, attending to the cache's earlier
+        positions, and the cache with these tokens' keys and values written in: (logits, cache).
+
+        pos + T must not exceed block_size. A prefill is decode(prompt, init_cache(B), 0); each next token is
+        decode(token[:, None], cache, pos). Without dropout.
+        """
+        T = idx_BT.shape[1]
+        x_BTD = self.wte(idx_BT) + jax.lax.dynamic_slice_in_dim(self.wpe.weight[...], pos, T)
+        new = []
+        for block, kv in zip(self.h, cache):
+            x_BTD, kv = block(x_BTD, kv=kv, pos=pos)
+            new.append(kv)
+        return self._logits(self.ln_f(x_BTD)), new
 
 
 class Bigram(nnx.Module):
@@ -200,9 +350,12 @@ class Bigram(nnx.Module):
         return self.token_embedding_table(idx_BT)
 
 
-def create(c: ModelConfig, seed: int) -> nnx.Module:
+def create(c: ModelConfig, seed: int, compute: Compute = Compute()) -> nnx.Module:
+    """A model with freshly initialised parameters; `compute` (GPT only) says how its forward pass runs."""
     assert c.vocab_size > 0, "vocab_size must be set (from the prepared data) before building a model"
-    return (GPT if c.model == "gpt" else Bigram)(c, nnx.Rngs(params=seed))
+    if c.model == "gpt":
+        return GPT(c, nnx.Rngs(params=seed), compute)
+    return Bigram(c, nnx.Rngs(params=seed))
 
 
 def split(model: nnx.Module):
@@ -213,6 +366,15 @@ def split(model: nnx.Module):
 def apply(graphdef, params, idx_BT, key=None):
     """Pure forward pass: logits [B, T, V]."""
     return nnx.merge(graphdef, params)(idx_BT, key)
+
+
+def decode(graphdef, params, idx_BT, cache, pos):
+    """Pure cached forward pass (GPT.decode): (logits [B, T, V], cache)."""
+    return nnx.merge(graphdef, params).decode(idx_BT, cache, pos)
+
+
+def init_cache(graphdef, params, batch_size: int):
+    return nnx.merge(graphdef, params).init_cache(batch_size)
 
 
 def cross_entropy(logits_BTV, targets_BT):
@@ -239,13 +401,18 @@ def params_from_names(like, named: dict):
     return jax.tree_util.tree_map_with_path(lambda path, _: named[_name(path)], like)
 
 
-def abstract_model(c: ModelConfig) -> nnx.Module:
+def abstract_model(c: ModelConfig, compute: Compute = Compute()) -> nnx.Module:
     """A model for `c` whose parameters are shapes and dtypes only: nothing is initialised."""
-    return nnx.eval_shape(lambda: create(c, 0))
+    return nnx.eval_shape(lambda: create(c, 0, compute))
 
 
 def abstract_params(c: ModelConfig):
     return split(abstract_model(c))[1]
+
+
+def graphdef_for(c: ModelConfig, compute: Compute = Compute()):
+    """The static structure of a model for `c` run as `compute`: pairs with any parameters of that config."""
+    return split(abstract_model(c, compute))[0]
 
 
 def num_params(params, exclude_wpe: bool = True) -> int:

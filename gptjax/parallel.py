@@ -1,8 +1,8 @@
 """Device mesh and shardings: data parallelism over a 'data' axis, parameters and optimizer state replicated.
 
-Also the two process settings a CPU host needs, which every gptjax entry point applies: `use_all_cores` and
-`reuse_freed_memory`. jax is imported inside the functions so that `use_all_cores` can run before jax initialises
-its backends.
+Also the process settings every gptjax entry point applies: `use_all_cores` and `reuse_freed_memory` (for a CPU
+host) and `use_compilation_cache`. jax is imported inside the functions so that `use_all_cores` can run before jax
+initialises its backends.
 """
 
 from __future__ import annotations
@@ -54,6 +54,33 @@ def reuse_freed_memory(limit: int = 1 << 30) -> bool:
         return False
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, limit), (M_TRIM_THRESHOLD, limit), (M_ARENA_MAX, 1)))
+
+
+CACHE_ENV = "GPTJAX_CACHE_DIR"
+
+
+def compilation_cache_dir() -> str | None:
+    """$GPTJAX_CACHE_DIR, default ~/.cache/gptjax/xla; None when it is set to "" or "off"."""
+    path = os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "gptjax", "xla"))
+    return None if path.strip() in ("", "off") else path
+
+
+def use_compilation_cache() -> str | None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so a second run of the same step on
+    the same device and versions loads it instead of compiling it. Only programs that took over a second to
+    compile are kept. Returns the directory, or None when it is off or cannot be made."""
+    import jax
+
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
 
 
 def data_mesh(batch_size: int, devices=None):

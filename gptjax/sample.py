@@ -1,4 +1,5 @@
-"""Jitted autoregressive generation: one compiled loop per (prompt length, length, samples, top_k), not per token."""
+"""Jitted autoregressive generation: one compiled loop per (prompt length, length, samples, top_k, top_p), not per
+token; a KV-cache decoder (prefill, then one token a step) or the re-forward loop nanoGPT runs."""
 
 from __future__ import annotations
 
@@ -8,43 +9,76 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gptjax import model, tokenizers
 from gptjax.config import check_range
 from gptjax.errors import UserError
 
 
-def filter_logits(logits_NV, temperature, top_k: int | None):
-    """Scale by 1/temperature and keep only the top_k largest logits (the rest -> -inf), as nanoGPT's sample."""
+def filter_logits(logits_NV, temperature, top_k: int | None, top_p: float | None = None):
+    """Scale by 1/temperature, keep only the top_k largest logits (nanoGPT's sample), then the smallest set of the
+    most likely tokens whose probability sums to at least top_p (nucleus sampling); the rest -> -inf."""
     logits_NV = logits_NV.astype(jnp.float32) / temperature
     if top_k:
         kth_N1 = jax.lax.top_k(logits_NV, min(top_k, logits_NV.shape[-1]))[0][:, -1:]
         logits_NV = jnp.where(logits_NV < kth_N1, -jnp.inf, logits_NV)
+    if top_p is not None and top_p < 1.0:
+        order_NV = jnp.argsort(-logits_NV, axis=-1)  # most likely first (stable: ties in vocabulary order)
+        p_NV = jax.nn.softmax(jnp.take_along_axis(logits_NV, order_NV, axis=-1), axis=-1)
+        # A token stays when the tokens ranked above it hold less than top_p: the smallest prefix reaching top_p.
+        keep_sorted_NV = jnp.cumsum(p_NV, axis=-1) - p_NV < top_p
+        keep_NV = jnp.zeros_like(keep_sorted_NV).at[jnp.arange(logits_NV.shape[0])[:, None], order_NV].set(
+            keep_sorted_NV)
+        logits_NV = jnp.where(keep_NV, logits_NV, -jnp.inf)
     return logits_NV
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("n_tokens",))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("n_tokens", "top_p", "kv_cache"))
 def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, params, prompt_NP, key, temperature,
-             n_tokens: int | None = None):
+             n_tokens: int | None = None, top_p: float | None = None, kv_cache: bool = True):
     """prompt [N, P] -> tokens [N, P + max_new_tokens]; the model sees at most the last block_size tokens.
 
+    kv_cache (GPT only): while the text fits in block_size, one prefill of the prompt and then one token a step
+    against cached keys and values. Past block_size nanoGPT crops the context to its last block_size tokens, which
+    moves every token to a new position; the cached keys hold the old positions, so each further token is computed
+    as nanoGPT does, by re-running the cropped window (exact, at the re-forward path's speed). Without kv_cache
+    every token re-runs the window. Both paths draw token i with the same key, so they give the same tokens
+    (up to float rounding of the logits).
     n_tokens limits sampling to the tokenizer's ids when the model's vocabulary is padded (nanoGPT's 50304).
     """
     N, P = prompt_NP.shape
     L = P + max_new_tokens
     buf_NL = jnp.zeros((N, max(L, block_size)), jnp.int32).at[:, :P].set(prompt_NP)
 
-    def body(i, buf_NL):
+    def pick(i, logits_NV, buf_NL):
+        """Draw new token i (at index P + i) from logits."""
+        probs = filter_logits(logits_NV[:, :n_tokens], temperature, top_k, top_p)
+        nxt_N = jax.random.categorical(jax.random.fold_in(key, i), probs).astype(jnp.int32)
+        return jax.lax.dynamic_update_slice(buf_NL, nxt_N[:, None], (0, P + i)), nxt_N
+
+    def reforward(i, buf_NL):
         cur = P + i  # tokens known so far
         start = jnp.maximum(cur - block_size, 0)
         # A fixed-size window: while cur < block_size it runs past cur into zeros that causality ignores.
         window_NW = jax.lax.dynamic_slice(buf_NL, (0, start), (N, block_size))
         logits_NWV = model.apply(graphdef, params, window_NW)
-        logits_NV = jax.lax.dynamic_index_in_dim(logits_NWV, cur - 1 - start, axis=1, keepdims=False)[:, :n_tokens]
-        nxt_N = jax.random.categorical(jax.random.fold_in(key, i), filter_logits(logits_NV, temperature, top_k))
-        return jax.lax.dynamic_update_slice(buf_NL, nxt_N[:, None].astype(jnp.int32), (0, cur))
+        return pick(i, jax.lax.dynamic_index_in_dim(logits_NWV, cur - 1 - start, axis=1, keepdims=False), buf_NL)[0]
 
-    return jax.lax.fori_loop(0, max_new_tokens, body, buf_NL)[:, :L]
+    cached = 0  # new tokens drawn through the cache: those with P + i <= block_size
+    if kv_cache and max_new_tokens and P <= block_size and isinstance(nnx.merge(graphdef, params), model.GPT):
+        cached = min(max_new_tokens, block_size - P + 1)
+        logits_NPV, cache = model.decode(graphdef, params, prompt_NP, model.init_cache(graphdef, params, N), 0)
+        buf_NL, tok_N = pick(0, logits_NPV[:, -1], buf_NL)
+
+        def step(i, carry):  # the token at P + i - 1 goes in; token P + i comes out
+            buf_NL, cache, tok_N = carry
+            logits_N1V, cache = model.decode(graphdef, params, tok_N[:, None], cache, P + i - 1)
+            buf_NL, tok_N = pick(i, logits_N1V[:, 0], buf_NL)
+            return buf_NL, cache, tok_N
+
+        buf_NL = jax.lax.fori_loop(1, cached, step, (buf_NL, cache, tok_N))[0]
+    return jax.lax.fori_loop(cached, max_new_tokens, reforward, buf_NL)[:, :L]
 
 
 def default_start(tok) -> str:
@@ -59,15 +93,18 @@ def default_start(tok) -> str:
 
 def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new_tokens: int = 500,
            temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337,
-           checkpoint: str | int = "best") -> list[str]:
+           checkpoint: str | int = "best", top_p: float = 1.0, kv_cache: bool = True, dtype: str = "auto",
+           attention: str = "auto") -> list[str]:
     """Texts generated from a run's checkpoint (best by default), each beginning with `start` (or FILE:path's
     contents; None: default_start).
 
-    top_k 0 or None samples from the whole distribution."""
+    top_k 0 or None samples from the whole distribution; top_p 1 turns nucleus filtering off. kv_cache: see
+    generate. dtype and attention: how the model runs (auto: bfloat16 and flash attention on a GPU that has them,
+    float32 on a CPU)."""
     from gptjax.train import load_run
 
     for key, value in (("temperature", temperature), ("num_samples", num_samples),
-                       ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed)):
+                       ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed), ("top_p", top_p)):
         check_range(key, value)
     top_k = top_k or None  # 0 or None: no top-k filtering
     if start is not None and start.startswith("FILE:"):
@@ -80,7 +117,7 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new
             raise UserError(f"--start={start}: that file is not UTF-8 text; give a text file") from None
     if start == "":
         raise UserError("--start must not be empty: generation needs at least one token to condition on")
-    config, graphdef, params = load_run(out_dir, checkpoint)
+    config, graphdef, params = load_run(out_dir, checkpoint, dtype=dtype, attention=attention)
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     start = default_start(tok) if start is None else start
     prompt = np.asarray(tok.encode(start), np.int32)
@@ -88,5 +125,6 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new
         raise UserError(f"--start={start!r} encodes to no tokens")
     prompt_NP = np.tile(prompt, (num_samples, 1))
     out = generate(graphdef, config.model.block_size, max_new_tokens, top_k, params, prompt_NP,
-                   jax.random.PRNGKey(seed), jnp.float32(temperature), n_tokens=tok.vocab_size)
+                   jax.random.PRNGKey(seed), jnp.float32(temperature), n_tokens=tok.vocab_size,
+                   top_p=top_p if top_p < 1.0 else None, kv_cache=kv_cache)
     return [tok.decode(row.tolist()) for row in np.asarray(out)]

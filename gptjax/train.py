@@ -350,8 +350,17 @@ def setup(config: Config):
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
     check_memory(config)
-    graphdef, params = model.split(model.create(config.model, config.train.seed))
+    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
     return config, prep, graphdef, params, make_optimizer(config.train, params)
+
+
+def compute_of(config: Config, training: bool = True, **changes) -> model.Compute:
+    """How this config's model runs on JAX's default device: the train settings dtype, attention, scan_layers
+    and remat, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for eval). Without
+    training there is no dropout, so every attention path is open."""
+    t = dataclasses.replace(config.train, **changes)
+    return model.resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat,
+                                 config.model.dropout if training else 0.0)
 
 
 def _available_bytes() -> tuple[int | None, int | None]:
@@ -445,9 +454,12 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
     A, B, T = t.gradient_accumulation_steps, t.batch_size, m.block_size
     tokens_per_step = A * B * T
 
+    batch_place = parallel.batch_sharding(mesh)
+
     def batch(step):
+        """Step's batch, sent to the devices at once: the copy overlaps the step in flight."""
         x, y = data.get_batch(train_tokens, A * B, T, t.seed, step)
-        return x.reshape(A, B, T), y.reshape(A, B, T)
+        return jax.device_put((x.reshape(A, B, T), y.reshape(A, B, T)), batch_place)
 
     def diverged(step: int, what: str) -> UserError:
         kept = checkpoint.resolve(out, "latest")
@@ -455,9 +467,13 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         return UserError(f"step {step}: {what} is not finite, so training stopped; {keep}. Lower --learning_rate "
                          "(or set --grad_clip) and train again")
 
+    compute = compute_of(config)
     print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
-          f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)")
+          f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)" + (
+              f"; {compute.dtype}, {compute.attention} attention, layers "
+              f"{'scanned' if compute.scan else 'unrolled'}{', remat per block' if compute.remat else ''}"
+              if m.model == "gpt" else ""))
     start = int(state.step)
     saved_step = start  # the step of the newest checkpoint this process can rely on
     history = []
@@ -557,18 +573,22 @@ def _plot(metrics_path: str, png: str) -> None:
     plt.close(fig)
 
 
-def load_run(out_dir: str, which: str | int = "best"):
-    """(config, graphdef, params) of a trained run; `which` is best (else latest), latest, or a step."""
-    config, graphdef, state = load_state(out_dir, which)
+def load_run(out_dir: str, which: str | int = "best", **compute):
+    """(config, graphdef, params) of a trained run; `which` is best (else latest), latest, or a step.
+
+    compute: dtype/attention/scan_layers/remat overrides for the graphdef (default: float32, einsum attention,
+    unrolled: the exact forward pass); the parameters are the same whatever they are."""
+    config, graphdef, state = load_state(out_dir, which, **compute)
     return config, graphdef, state.params
 
 
-def load_state(out_dir: str, which: str | int = "best"):
+def load_state(out_dir: str, which: str | int = "best", **compute):
     """(config, graphdef, TrainState) of a run, from checkpoint `which`: best (else latest), latest, or a step."""
     config = saved_config(out_dir)
     if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
-    graphdef, params = model.split(model.create(config.model, config.train.seed))
+    settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", **compute}
+    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config, False, **settings)))
     tx = make_optimizer(config.train, params)
     name = "latest" if which == "best" and not checkpoint.exists(out_dir, "best") else which
     return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
@@ -583,13 +603,14 @@ def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:
 
 
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "",
-             which: str | int = "best") -> dict:
+             which: str | int = "best", dtype: str = "float32") -> dict:
     """Exact loss of a run's checkpoint `which` (best by default) over a whole split, in nats/token and bits/char.
 
-    input_path replaces the run's corpus file (e.g. for a run imported without one).
+    input_path replaces the run's corpus file (e.g. for a run imported without one). dtype float32 (default) gives
+    the figure to report; bfloat16 (or auto) runs the matmuls as a bfloat16 run trains.
     """
     check_range("eval_batch_size", batch_size, "batch_size")
-    config, graphdef, params = load_run(out_dir, which)
+    config, graphdef, params = load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
     check_tokenizer(out_dir, prep)

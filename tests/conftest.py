@@ -23,15 +23,17 @@ if TEST_DATA and os.path.isdir(os.path.join(TEST_DATA, "tiktoken")):
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache(tmp_path_factory):
-    """Every test prepares into one throwaway cache, never the user's ~/.cache/gptjax."""
+    """Every test prepares into one throwaway cache, and compiles into another, never the user's ~/.cache/gptjax."""
     path = str(tmp_path_factory.mktemp("gptjax-data"))
-    old = os.environ.get("GPTJAX_DATA_DIR")
+    old = {k: os.environ.get(k) for k in ("GPTJAX_DATA_DIR", "GPTJAX_CACHE_DIR")}
     os.environ["GPTJAX_DATA_DIR"] = path
+    os.environ["GPTJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("gptjax-xla"))
     yield path
-    if old is None:
-        os.environ.pop("GPTJAX_DATA_DIR", None)
-    else:
-        os.environ["GPTJAX_DATA_DIR"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
