@@ -67,6 +67,7 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample:" in r.stdout
     assert "AdamW state at step 30" in r.stdout
+    assert train.saved_config(run).train.scan_layers  # the default: a scanned model's export and import
     _, _, a = train.load_state(run)
     config, _, b = train.load_state(imported)
     assert config.model == train.load_run(run)[0].model
