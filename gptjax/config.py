@@ -59,7 +59,7 @@ class TrainConfig:
     # How the step runs, not what it computes: a resumed run may change these.
     dtype: str = "auto"  # float32 | bfloat16 matmuls (parameters and AdamW stay float32); auto: bfloat16 on a GPU/TPU
     attention: str = "auto"  # einsum | xla | cudnn (flash); auto: cudnn on a GPU in bfloat16 without dropout
-    scan_layers: bool = True  # the blocks run by one lax.scan (compile time flat in depth); False: unrolled
+    scan_layers: bool = False  # True: the blocks run by one lax.scan (compile time flat in depth, steps slower)
     remat: str = "none"  # none | block: recompute each block's activations in the backward pass
 
 

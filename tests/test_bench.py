@@ -14,7 +14,8 @@ from gptjax import cli
 from gptjax.bench import flops, report
 from gptjax.config import ModelConfig
 
-ALL = "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile"
+ALL = "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile"  # torch_fast: test_bfloat16_modes_compute_in_it
+STEPS = ("--steps=2", "--eager_steps=2", "--warmup=1", "--repeats=2")  # every_mode's calls: 6 train steps
 
 
 def _bench(out, shakespeare, *args):
@@ -27,8 +28,7 @@ def _bench(out, shakespeare, *args):
 @pytest.fixture(scope="module")
 def every_mode(tmp_path_factory, shakespeare):
     out = str(tmp_path_factory.mktemp("bench-all"))
-    stdout, results = _bench(out, shakespeare, f"--modes={ALL}", "--steps=2", "--eager_steps=2", "--warmup=1",
-                             "--repeats=2")
+    stdout, results = _bench(out, shakespeare, f"--modes={ALL}", *STEPS)
     return out, stdout, results
 
 
@@ -59,7 +59,9 @@ def test_results_json_schema(every_mode):
         assert r["tokens_per_step"] == 8 * 16 and r["tokens_per_sec"] == pytest.approx(128 / (ms["median"] / 1e3))
         assert r["first_call_s"] > 0 and r["peak_mem_bytes"] > 10 * 2**20 and r["mfu"] is None  # none on a CPU
         assert r["flops_per_token"] == flops.flops_per_token(ModelConfig(**r["config"]["model"]), r["params"])
+        # --dtype=auto on a CPU is float32; train records have no sampler
         assert r["shape"]["batch_size"] == 8 and r["dtype"] == "float32" and r["host"]["cores"] >= 1
+        assert r["sampler"] is None
         assert r["steps"] == 2 and r["warmup"] == 1 and "python" in r["versions"]
         # every mode's process gets the malloc settings every gptjax command applies
         assert r["malloc"] == ("reuse_freed_memory" if sys.platform.startswith("linux") else "default")
@@ -89,17 +91,64 @@ def test_sweep_forward_records_every_point(tmp_path, shakespeare):
     assert os.path.getsize(tmp_path / "results.png") > 1000
 
 
-def test_generate_workload_in_rounds(tmp_path, shakespeare):
+def test_generate_workload_per_sampler_in_rounds(tmp_path, shakespeare):
+    # 20 new tokens from a 1-token prompt with block_size 16: the kv sampler caches, then re-forwards past the block.
     stdout, results = _bench(str(tmp_path), shakespeare, "--modes=jax_jit,torch_eager", "--workload=generate",
-                             "--max_new_tokens=5", "--steps=1", "--warmup=0", "--repeats=2", "--rounds=2")
-    assert [r["mode"] for r in results["records"]] == ["jax_jit", "torch_eager"]
-    for r in results["records"]:
-        assert r["error"] is None and r["loss"] is None and r["loss_diff"] is None
-        assert r["tokens_per_step"] == 8 * 5 and r["tokens_per_sec"] > 0
+                             "--max_new_tokens=20", "--steps=1", "--warmup=0", "--repeats=2", "--rounds=2")
+    records = results["records"]
+    units = [(m, s) for m in ("jax_jit", "torch_eager") for s in ("kv", "reforward")]  # the default: both samplers
+    assert [(r["mode"], r["sampler"]) for r in records] == units
+    for r in records:
+        assert r["error"] is None and r["loss"] is None and r["loss_diff"] is None and r["dtype"] == "float32"
+        assert r["tokens_per_step"] == 8 * 20 and r["tokens_per_sec"] > 0
         assert r["repeats"] == 4 and len(r["step_ms"]["runs"]) == 4  # two rounds of two repeats, pooled
-    turns = [line.split()[0] if not line.startswith("  round") else line.split()[2].rstrip(":")
-             for line in stdout.splitlines() if line.startswith(("  round", "jax_jit ", "torch_eager "))]
-    assert turns == ["jax_jit", "torch_eager"] * 2  # in turn, A B A B; each record printed as its last round ends
+        assert ("KV cache" in r["detail"]) == (r["sampler"] == "kv"), r["detail"]
+    # in turn, A B C D A B C D; each record printed as its last round ends
+    order = [line for line in stdout.splitlines() if line.startswith(("  round", "jax_jit ", "torch_eager "))]
+    assert [line.split()[2:4] for line in order[:4]] == [[m, s + ":"] for m, s in units]
+    assert [line.split(" |")[0].split() for line in order[4:]] == [[m, "generate", f"({s})"] for m, s in units]
+    # 'vs jax_jit' compares each sampler with jax_jit's own run of that sampler
+    with open(tmp_path / "results.md") as f:
+        rows = [row.split(" | ") for row in f.read().splitlines() if row.startswith(("| jax_jit ", "| torch_eager "))]
+    tps = {(r["mode"], r["sampler"]): r["tokens_per_sec"] for r in records}
+    for row, (mode, sampler) in zip(rows, units):
+        assert row[1] == f"generate ({sampler})"
+        ratio = tps[mode, sampler] / tps["jax_jit", sampler]
+        assert row[7] == (f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"), (row, mode, sampler)
+
+
+def test_bfloat16_modes_compute_in_it(every_mode, tmp_path, shakespeare):
+    # every_mode's 6 train steps again, with bfloat16 matmuls: JAX's Compute, torch.compile + SDPA + autocast.
+    stdout, results = _bench(str(tmp_path), shakespeare, "--modes=jax_jit,torch_fast", "--dtype=bfloat16", *STEPS)
+    fp32 = {r["mode"]: r for r in every_mode[2]["records"]}
+    records = results["records"]
+    assert [r["mode"] for r in records] == ["jax_jit", "torch_fast"]
+    for r, same_framework in zip(records, ("jax_jit", "torch_compile")):
+        assert r["error"] is None and r["dtype"] == "bfloat16" and r["config"]["train"]["dtype"] == "bfloat16"
+        # The float32 modes agree to 1e-5 (test_every_mode_trains_the_same_model): bfloat16 rounding moves the
+        # loss further than that, yet not far.
+        assert 1e-5 < abs(r["loss"] - fp32[same_framework]["loss"]) < 0.02, (r["mode"], r["loss"])
+    fast = records[1]
+    assert fast["detail"] == "torch.compile (inductor, mode=default), SDPA attention, autocast bfloat16"
+    assert fast["loss_diff"] < report.BF16_LOSS_TOLERANCE and not fast["loss_flag"]
+    with open(tmp_path / "results.md") as f:
+        assert "; bfloat16; " in f.read()
+
+
+def test_record_reports_the_modes_dtype_and_its_mfu():
+    from gptjax.bench import runner
+    from gptjax.config import load_config
+
+    config = load_config("tiny", {"dtype": "auto", "vocab_size": 65})
+    c, n = config.model, 26_816
+    res = {"step_s_runs": [0.01, 0.02, 0.03], "tokens_per_call": 128, "detail": "jax.jit", "dtype": "bfloat16",
+           "device": "NVIDIA H100 80GB HBM3", "devices": 1, "threads": None, "versions": {}, "first_call_s": 1.0,
+           "peak_mem_bytes": 1, "peak_mem_source": "x", "losses": [3.0]}
+    rec = runner._record("jax_jit", None, runner.Options(), {}, config, n, res, None, None, {}, 20)
+    assert rec["dtype"] == "bfloat16"  # as the mode resolved --dtype=auto on its device, not the config's "auto"
+    assert rec["mfu"] == pytest.approx(flops.flops_per_token(c, n) * 128 / 0.02 / 989.4e12)  # bfloat16's peak
+    failed = runner._record("jax_jit", None, runner.Options(), {}, config, n, None, "boom", None, {}, 20)
+    assert failed["dtype"] == "auto" and failed["mfu"] is None
 
 
 def test_mfu_uses_nanogpts_formula():
@@ -129,6 +178,12 @@ def test_mfu_uses_nanogpts_formula():
     (("--steps=-1",), "--steps=-1"),
     (("--repeats=two",), "--repeats=two"),
     (("--sweep=n_embd:32,33",), "n_embd=33 is not divisible"),
+    (("--workload=generate", "--sampler=kv,beam"), "beam"),
+    (("--workload=generate", "--sampler=",), "--sampler"),
+    (("--sampler=kv",), "--workload=generate"),
+    (("--dtype=float16",), "--dtype=float16"),
+    # found by the mode's own process, on the device it runs on: still one line and status 2
+    (("--modes=jax_jit", "--attention=cudnn", "--steps=1", "--repeats=1", "--warmup=0"), "--attention=cudnn needs"),
 ])
 def test_bad_bench_input_is_one_line(capsys, shakespeare, args, needle):
     code = cli.main(["bench", "--config=tiny", f"--input={shakespeare}", *args])
@@ -140,6 +195,7 @@ def test_without_torch_the_default_modes_are_jax_only(monkeypatch):
     from gptjax.bench import runner
     from gptjax.errors import UserError
 
+    assert runner.parse_options({}).modes == runner.MODES  # with torch: every mode, torch_fast among them
     monkeypatch.setattr(runner.util, "find_spec", lambda name: None)
     assert runner.parse_options({}).modes == ("jax_jit", "jax_jit_dp", "jax_eager")
     with pytest.raises(UserError, match="need PyTorch"):

@@ -224,6 +224,6 @@ def test_sample_cli_takes_top_p_kv_cache_and_dtype(tiny_config, tmp_path):
 
 def test_train_config_defaults_resolve_to_the_exact_path_on_a_cpu():
     t = TrainConfig()
-    assert (t.dtype, t.attention, t.scan_layers, t.remat) == ("auto", "auto", True, "none")
+    assert (t.dtype, t.attention, t.scan_layers, t.remat) == ("auto", "auto", False, "none")
     assert model.resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, 0.2,
-                                 device=jax.devices("cpu")[0]) == model.Compute("float32", "einsum", True, False)
+                                 device=jax.devices("cpu")[0]) == model.Compute("float32", "einsum", False, False)

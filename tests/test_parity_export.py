@@ -21,7 +21,8 @@ from gptjax.reference.nanogpt import GPT
 def exported(shakespeare, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     run, ckpt = str(root / "run"), str(root / "nano" / "ckpt.pt")
-    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=30")
+    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=30",
+                "--scan_layers=true")  # scanned layers: their checkpoints and exports keep per-layer names
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -67,7 +68,7 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample:" in r.stdout
     assert "AdamW state at step 30" in r.stdout
-    assert train.saved_config(run).train.scan_layers  # the default: a scanned model's export and import
+    assert train.saved_config(run).train.scan_layers  # a scanned model's export and import
     _, _, a = train.load_state(run)
     config, _, b = train.load_state(imported)
     assert config.model == train.load_run(run)[0].model

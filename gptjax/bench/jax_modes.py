@@ -15,21 +15,29 @@ from gptjax.bench.worker import n_calls, time_calls
 from gptjax.config import Config
 
 
-def load_params(c, path: str):
-    """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree."""
-    graphdef, like = model.split(model.abstract_model(c))
+def compute_for(config: Config) -> model.Compute:
+    """How train runs this config's model on this process's first device (dtype, attention, scan, remat)."""
+    c, t = config.model, config.train
+    return model.resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, c.dropout)
+
+
+def load_params(c, path: str, compute: model.Compute):
+    """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree, and the
+    graphdef that runs them as `compute` (parameters are float32 and per-layer whatever it is)."""
+    like = model.abstract_params(c)
     with np.load(path) as f:
         named = {k: jnp.asarray(f[k]) for k in f.files}
-    return graphdef, model.params_from_names(like, named)
+    return model.graphdef_for(c, compute), model.params_from_names(like, named)
 
 
 def run(spec: dict) -> dict:
     config = Config.from_dict(spec["config"])
     c, t = config.model, config.train
-    mode, workload = spec["mode"], spec["workload"]
+    mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
     eager = mode == "jax_eager"
     devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
-    graphdef, params = load_params(c, spec["params"])
+    compute = compute_for(config) if c.model == "gpt" else model.Compute()
+    graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
     A, B, T = x_NABT.shape[1:]
@@ -81,7 +89,8 @@ def run(spec: dict) -> dict:
 
         def call(i):
             pending["out"] = sample.generate(graphdef, c.block_size, L, None, params, prompt_NP,
-                                             jax.random.fold_in(base, i), jnp.float32(1.0))
+                                             jax.random.fold_in(base, i), jnp.float32(1.0),
+                                             kv_cache=sampler == "kv")
             return None
 
         tokens_per_call = B * L
@@ -100,7 +109,21 @@ def run(spec: dict) -> dict:
         "losses": None if workload == "generate" else [float(o) for o in outs],
         "device": dev.device_kind if dev.platform != "cpu" else "cpu", "platform": dev.platform,
         "devices": 1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
-        "peak_mem_bytes": peak, "peak_mem_source": "jax memory_stats peak_bytes_in_use" if peak else None,
+        "dtype": compute.dtype, "peak_mem_bytes": peak,
+        "peak_mem_source": "jax memory_stats peak_bytes_in_use" if peak else None,
         "versions": {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
-        "threads": None, "detail": "jax.disable_jit()" if eager else "jax.jit",
+        "threads": None, "detail": describe(eager, compute if c.model == "gpt" else None, workload, sampler),
     }
+
+
+def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None) -> str:
+    """The record's detail: how the mode ran; compute None for the bigram."""
+    parts = ["jax.disable_jit()" if eager else "jax.jit"]
+    if compute is not None:
+        parts.append(f"{compute.attention} attention")
+        parts += ["scan over layers"] * compute.scan + ["remat per block"] * compute.remat
+    if workload == "generate":
+        parts.append("re-forward of the window per token (the bigram has no KV cache)" if compute is None
+                     else "KV cache: prefill, then one token per step" if sampler == "kv"
+                     else "re-forward of the block_size window per token")
+    return ", ".join(parts)

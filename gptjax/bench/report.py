@@ -7,16 +7,21 @@ import os
 
 # results.json is {"command", "fields", "records"}; every record has exactly these fields.
 FIELDS = {
-    "mode": "jax_jit | jax_jit_dp | jax_eager | torch_eager | torch_compile",
-    "detail": "how the mode ran: jax.jit, jax.disable_jit(), eager, torch.compile (backend, mode)",
+    "mode": "jax_jit | jax_jit_dp | jax_eager | torch_eager | torch_compile (both explicit attention) | "
+            "torch_fast (torch.compile + F.scaled_dot_product_attention; nanoGPT's fast path)",
+    "detail": "how the mode ran: jax.jit or jax.disable_jit() and the attention; eager or torch.compile (backend, "
+              "mode), SDPA, autocast; for generate, how the sampler ran",
     "workload": "train (forward + backward + AdamW) | forward (eval logits and loss) | generate (sampling)",
+    "sampler": "generate: kv (KV cache: prefill, then one token per step) | reforward (the whole window re-run per "
+               "token); null for train and forward",
     "point": "the swept setting of this record, e.g. {'batch_size': 16}; {} without --sweep",
     "config": "the whole run configuration (model / data / train), as config.json holds it",
     "shape": "n_layer, n_head, n_embd, block_size, vocab_size, batch_size, gradient_accumulation_steps",
     "params": "parameter count without position embeddings (nanoGPT's get_num_params)",
     "device": "device kind ('cpu' on a CPU host: see host.cpu)",
     "devices": "devices the mode ran on (the batch split over them)",
-    "dtype": "parameter and compute dtype",
+    "dtype": "compute dtype (--dtype, auto resolved on the mode's device): float32, or bfloat16 matmuls with "
+             "float32 parameters and optimizer (JAX's Compute; torch.autocast in the torch modes)",
     "host": "cpu model and flags, cores",
     "versions": "python and the framework packages the mode imported",
     "malloc": "reuse_freed_memory (glibc keeps freed step buffers, as every gptjax command does) or default",
@@ -34,19 +39,32 @@ FIELDS = {
     "peak_mem_source": "JAX memory_stats, torch.cuda.max_memory_allocated, or the process's peak RSS on a CPU",
     "loss": "loss of the last timed call (null for generate)",
     "loss_diff": "max |loss - jax_jit's loss| over the calls both ran; null where not comparable",
-    "loss_flag": "true when loss_diff > 1e-3: fast but wrong",
+    "loss_flag": "true when loss_diff > 1e-3 (float32) or 5e-2 (bfloat16): fast but wrong",
     "error": "null, or why the mode failed",
 }
-LOSS_TOLERANCE = 1e-3
+LOSS_TOLERANCE = 1e-3  # float32: the frameworks agree to ~1e-6
+BF16_LOSS_TOLERANCE = 5e-2  # bfloat16: two frameworks round differently (8-bit mantissa), so losses drift apart
+
+
+def loss_tolerance(dtype: str | None) -> float:
+    return BF16_LOSS_TOLERANCE if dtype == "bfloat16" else LOSS_TOLERANCE
 
 
 def _point(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["point"].items())
 
 
+def _workload(r: dict) -> str:
+    return r["workload"] + (f" ({r['sampler']})" if r.get("sampler") else "")
+
+
+def _label(r: dict) -> str:
+    return r["mode"] + (f" ({r['sampler']})" if r.get("sampler") else "")
+
+
 def line(r: dict) -> str:
     """One line per record, printed as the mode finishes."""
-    head = f"{r['mode']:<13} {r['workload']:<8} {_point(r) + ' ' if r['point'] else ''}"
+    head = f"{r['mode']:<13} {_workload(r):<8} {_point(r) + ' ' if r['point'] else ''}"
     if r["error"]:
         return f"{head}FAILED: {r['error']}"
     ms = r["step_ms"]
@@ -54,7 +72,7 @@ def line(r: dict) -> str:
     loss = f" | loss {r['loss']:.4f}" if r["loss"] is not None else ""
     if r["loss_diff"] is not None:
         loss += f" (Δ jax_jit {r['loss_diff']:.1e})"
-    flag = f"\n!!! {r['mode']}: loss differs from jax_jit's by {r['loss_diff']:.2e} > {LOSS_TOLERANCE:g}" \
+    flag = f"\n!!! {r['mode']}: loss differs from jax_jit's by {r['loss_diff']:.2e} > {loss_tolerance(r['dtype']):g}" \
         " — fast but wrong? !!!" if r["loss_flag"] else ""
     return (f"{head}| {r['devices']} x {r['device']} | first call {r['first_call_s']:.2f} s | "
             f"{ms['median']:.2f} ms/step (min {ms['min']:.2f}, max {ms['max']:.2f}) | "
@@ -62,8 +80,9 @@ def line(r: dict) -> str:
 
 
 def _ratio(r: dict, records: list[dict]) -> str:
+    """Throughput against jax_jit's at the same point, workload and sampler: each at its best, side by side."""
     base = [b for b in records if b["mode"] == "jax_jit" and b["point"] == r["point"]
-            and b["workload"] == r["workload"] and not b["error"]]
+            and b["workload"] == r["workload"] and b.get("sampler") == r.get("sampler") and not b["error"]]
     if not base or r["error"]:
         return "–"
     ratio = r["tokens_per_sec"] / base[0]["tokens_per_sec"]
@@ -76,14 +95,14 @@ def markdown(records: list[dict], command: str) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         if r["error"]:
-            rows.append(f"| {r['mode']} | {r['workload']} | {_point(r)} | | | failed: {r['error']} | | | | | |")
+            rows.append(f"| {r['mode']} | {_workload(r)} | {_point(r)} | | | failed: {r['error']} | | | | | |")
             continue
         ms = r["step_ms"]
         loss = "–" if r["loss"] is None else f"{r['loss']:.4f}"
         if r["loss_diff"] is not None:
             loss += f" ({r['loss_diff']:.1e}{' **MISMATCH**' if r['loss_flag'] else ''})"
         rows.append(
-            f"| {r['mode']} | {r['workload']} | {_point(r) or '–'} | {r['devices']} × {r['device']} | "
+            f"| {r['mode']} | {_workload(r)} | {_point(r) or '–'} | {r['devices']} × {r['device']} | "
             f"{r['first_call_s']:.2f} s | {ms['median']:.2f} ({ms['min']:.2f}–{ms['max']:.2f}) | "
             f"{r['tokens_per_sec']:,.0f} | {_ratio(r, records)} | "
             f"{'–' if r['mfu'] is None else format(r['mfu'], '.1%')} | "
@@ -101,8 +120,9 @@ def markdown(records: list[dict], command: str) -> str:
                  {k: v for r in ok for k, v in r["versions"].items()}.items())) + ".",
              f"Each mode ran in its own process: a first call, {head['warmup']} warm-up call(s), then "
              f"{head['repeats']} repeats of the timed calls (steps per repeat in results.json); "
-             "'vs jax_jit' is the throughput ratio at the same point; loss is the last call's (jax_eager makes "
-             "fewer calls), Δ the largest difference from jax_jit over the calls both made.", ""]
+             "'vs jax_jit' is the throughput ratio to jax_jit at the same point and sampler; loss is the last "
+             "call's (jax_eager makes fewer calls), Δ the largest difference from jax_jit over the calls both made.",
+             ""]
     mallocs = sorted({r["malloc"] for r in ok if r.get("malloc")})
     if mallocs:
         notes.insert(-1, f"Host malloc: {', '.join(mallocs)} (see gptjax.parallel.reuse_freed_memory).")
@@ -113,21 +133,21 @@ def markdown(records: list[dict], command: str) -> str:
 
 
 def chart(records: list[dict], path: str) -> None:
-    """A sweep: log-log ms/step against tokens per step (or the swept size), one line per mode.
-    No sweep: ms/step per mode as bars with the min-max range."""
+    """A sweep: log-log ms/step against tokens per step (or the swept size), one line per mode (and sampler).
+    No sweep: ms/step per mode (and sampler) as bars with the min-max range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if not r["error"]]
-    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    modes = list(dict.fromkeys(_label(r) for r in ok))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if ok and ok[0]["point"]:
         key = next(iter(ok[0]["point"]))
         by_tokens = len({r["tokens_per_step"] for r in ok}) > 1
         for mode in modes:
-            rs = sorted((r for r in ok if r["mode"] == mode), key=lambda r: r["point"][key])
+            rs = sorted((r for r in ok if _label(r) == mode), key=lambda r: r["point"][key])
             xs = [r["tokens_per_step"] if by_tokens else r["point"][key] for r in rs]
             ax.plot(xs, [r["step_ms"]["median"] for r in rs], marker="o", label=mode)
         ax.set_xscale("log")
@@ -136,7 +156,7 @@ def chart(records: list[dict], path: str) -> None:
         ax.set_title(f"{ok[0]['workload']}: sweep over {key} (flat = overhead-bound, slope 1 = compute-bound)",
                      fontsize=9)
     else:
-        med = [next(r for r in ok if r["mode"] == m)["step_ms"] for m in modes]
+        med = [next(r for r in ok if _label(r) == m)["step_ms"] for m in modes]
         ax.barh(modes, [m["median"] for m in med],
                 xerr=[[m["median"] - m["min"] for m in med], [m["max"] - m["median"] for m in med]])
         ax.set_xscale("log")

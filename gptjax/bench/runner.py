@@ -17,13 +17,15 @@ from importlib import util
 import numpy as np
 
 from gptjax.bench import flops, report
-from gptjax.bench.worker import n_calls
+from gptjax.bench.worker import USER_ERROR, n_calls
 from gptjax.config import Config, check_range, override, validate
 from gptjax.errors import UserError
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
-MODES = ("jax_jit", "jax_jit_dp", "jax_eager", "torch_eager", "torch_compile")
+MODES = ("jax_jit", "jax_jit_dp", "jax_eager", "torch_eager", "torch_compile", "torch_fast")
 WORKLOADS = ("train", "forward", "generate")
+SAMPLERS = ("kv", "reforward")  # generate: KV-cache decode, or the whole window re-run per token
+COMPILED = ("torch_compile", "torch_fast")
 SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
 
 
@@ -40,6 +42,7 @@ class Options:
     out: str = ""  # directory for results.json / results.md / results.png; empty: print only
     max_new_tokens: int = 64  # generate: new tokens per sequence
     rounds: int = 1  # the modes run this many times in turn (A B C A B C ...), their repeats pooled
+    samplers: tuple[str | None, ...] = (None,)  # generate: each mode runs once per sampler; None for the others
 
 
 def _int(opts: dict, key: str, default: int, range_key: str | None = None) -> int:
@@ -68,6 +71,16 @@ def parse_options(opts: dict) -> Options:
     workload = opts.pop("workload", "train")
     if workload not in WORKLOADS:
         raise UserError(f"--workload={workload}: use one of {', '.join(WORKLOADS)}")
+    samplers: tuple[str | None, ...] = (None,)
+    if workload == "generate":
+        samplers = tuple(dict.fromkeys(s.strip() for s in opts.pop("sampler", ",".join(SAMPLERS)).split(",")
+                                       if s.strip()))
+        bad = [s for s in samplers if s not in SAMPLERS]
+        if bad or not samplers:
+            raise UserError(f"--sampler: unknown sampler {bad[0] if bad else '(none)'!r}; use a comma-separated "
+                            f"list of {', '.join(SAMPLERS)}")
+    elif "sampler" in opts:
+        raise UserError(f"--sampler={opts['sampler']} applies to --workload=generate only")
     sweep_key, values = "", ()
     if "sweep" in opts:
         raw = opts.pop("sweep")
@@ -85,7 +98,7 @@ def parse_options(opts: dict) -> Options:
                    eager_steps=_int(opts, "eager_steps", min(steps, 3)), warmup=_int(opts, "warmup", 2),
                    repeats=_int(opts, "repeats", 5), sweep_key=sweep_key, sweep_values=values,
                    out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, "bench_max_new_tokens"),
-                   rounds=_int(opts, "rounds", 1))
+                   rounds=_int(opts, "rounds", 1), samplers=samplers)
 
 
 def host_info() -> dict:
@@ -117,10 +130,11 @@ def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
 def _env(mode: str, tmp: str) -> dict:
     """jax_jit and jax_eager see one XLA CPU device; jax_jit_dp one per core (or XLA_FLAGS' own count).
 
-    Every torch_compile process gets an empty inductor cache, so its first call is a cold compile, as JAX's is.
+    Every torch_compile / torch_fast process gets an empty inductor cache, so its first call is a cold compile, as
+    JAX's is.
     """
     env = dict(os.environ)
-    if mode == "torch_compile":
+    if mode in COMPILED:
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=tmp)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICES_FLAG)]
     if mode in ("jax_jit", "jax_eager"):
@@ -144,7 +158,11 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config,
     from gptjax import data, model
     from gptjax.train import setup
 
-    config, prep, graphdef, params, _ = setup(config)
+    # How the modes compute is resolved in each mode's process, on its own device: this host-side setup only
+    # makes the weights, so it asks for nothing a CPU could refuse (--attention=cudnn).
+    host_train = dataclasses.replace(config.train, dtype="float32", attention="einsum")
+    prepared, prep, graphdef, params, _ = setup(dataclasses.replace(config, train=host_train))
+    config = dataclasses.replace(config, model=prepared.model)
     c, t = config.model, config.train
     n = n_calls(o.steps, o.warmup, o.repeats)  # jax_eager takes the first of these (it makes fewer calls)
     x, y = data.get_batch(prep.tokens("train"), n * t.gradient_accumulation_steps * t.batch_size, c.block_size,
@@ -168,11 +186,17 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config,
 
 
 def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]:
-    spec_path, result_path = os.path.join(tmp, f"{mode}.spec.json"), os.path.join(tmp, f"{mode}.result.json")
+    """The mode's result, or its error line; a bad option the mode's process found (worker.USER_ERROR) is the
+    whole bench's UserError."""
+    name = mode + (f"-{spec['sampler']}" if spec.get("sampler") else "")
+    spec_path, result_path = os.path.join(tmp, f"{name}.spec.json"), os.path.join(tmp, f"{name}.result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
                           env=_env(mode, tmp), capture_output=True, text=True)
+    if proc.returncode == USER_ERROR and os.path.exists(result_path):
+        with open(result_path) as f:
+            raise UserError(json.load(f)["user_error"])
     if proc.returncode != 0 or not os.path.exists(result_path):
         lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
         fatal = [ln for ln in lines if re.match(r"(F\d{4} |\w*Error\b|Check failed)", ln)]
@@ -193,15 +217,16 @@ def _pool(rounds: list[tuple[dict | None, str | None]]) -> tuple[dict | None, st
     return res, None
 
 
-def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, res: dict | None,
-            error: str | None, base: dict | None, host: dict, steps: int) -> dict:
+def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Config, n_params: int,
+            res: dict | None, error: str | None, base: dict | None, host: dict, steps: int) -> dict:
     c, t = config.model, config.train
     rec = {k: None for k in report.FIELDS}
-    rec.update(mode=mode, workload=o.workload, point=point, config=config.to_dict(), params=n_params,
+    # dtype: the config's (perhaps "auto") until the mode's process reports what it resolved on its device
+    rec.update(mode=mode, workload=o.workload, sampler=sampler, point=point, config=config.to_dict(), params=n_params,
                shape={"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
                       "vocab_size": c.vocab_size, "batch_size": t.batch_size,
                       "gradient_accumulation_steps": t.gradient_accumulation_steps},
-               dtype="float32", host=host, steps=steps, warmup=o.warmup, repeats=o.repeats * o.rounds,
+               dtype=t.dtype, host=host, steps=steps, warmup=o.warmup, repeats=o.repeats * o.rounds,
                flops_per_token=flops.flops_per_token(c, n_params), error=error, loss_flag=False,
                versions={"python": platform.python_version()})
     if res is None:
@@ -209,18 +234,18 @@ def _record(mode: str, o: Options, point: dict, config: Config, n_params: int, r
     runs_ms = [s * 1e3 for s in res["step_s_runs"]]
     median = statistics.median(runs_ms)
     tps = res["tokens_per_call"] / (median / 1e3)
-    rec.update(detail=res["detail"], device=res["device"], devices=res["devices"], threads=res["threads"],
-               malloc=res.get("malloc"), versions={**rec["versions"], **res["versions"]},
+    rec.update(detail=res["detail"], dtype=res["dtype"], device=res["device"], devices=res["devices"],
+               threads=res["threads"], malloc=res.get("malloc"), versions={**rec["versions"], **res["versions"]},
                step_ms={"median": median, "min": min(runs_ms), "max": max(runs_ms), "runs": runs_ms},
                tokens_per_step=res["tokens_per_call"], tokens_per_sec=tps, first_call_s=res["first_call_s"],
-               mfu=flops.mfu(o.workload, c, n_params, tps, res["device"]),
+               mfu=flops.mfu(o.workload, c, n_params, tps, res["device"], res["dtype"]),
                peak_mem_bytes=res["peak_mem_bytes"], peak_mem_source=res["peak_mem_source"],
                loss=res["losses"][-1] if res["losses"] else None)
     both_jax = mode.startswith("jax") and base is not None and base["mode"].startswith("jax")
     if base is not None and res["losses"] and base["losses"] and (c.dropout == 0.0 or both_jax):
         k = min(len(res["losses"]), len(base["losses"]))
         rec["loss_diff"] = float(np.max(np.abs(np.subtract(res["losses"][:k], base["losses"][:k]))))
-        rec["loss_flag"] = rec["loss_diff"] > report.LOSS_TOLERANCE
+        rec["loss_flag"] = rec["loss_diff"] > report.loss_tolerance(rec["dtype"])
     return rec
 
 
@@ -229,16 +254,18 @@ def _point_text(point: dict) -> str:
 
 
 def run(config: Config, o: Options, command: str = "") -> list[dict]:
-    """Every (point, mode): a record, printed as it finishes; the files in o.out when it is set."""
+    """Every (point, mode, sampler): a record, printed as it finishes; the files in o.out when it is set."""
     command = command or "gptjax bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     if o.out and os.path.exists(o.out) and not os.path.isdir(o.out):
         raise UserError(f"--out={o.out} is a file: name a directory for results.json, results.md and results.png")
     points = _points(config, o)
     modes = sorted(o.modes, key=lambda m: m != "jax_jit")  # jax_jit first: the others' losses compare to it
     host = host_info()
-    print(f"gptjax bench: {o.workload}, modes {', '.join(modes)}; {host['cpu']} ({host['cores']} cores, "
+    samplers = "" if o.samplers == (None,) else f" (samplers {', '.join(o.samplers)})"
+    print(f"gptjax bench: {o.workload}{samplers}, modes {', '.join(modes)}; {host['cpu']} ({host['cores']} cores, "
           f"{host['flags']}); first call + {o.warmup} warm-up + {o.repeats} x {o.steps} timed calls "
           f"({o.eager_steps} for jax_eager)" + (f", {o.rounds} rounds in turn" if o.rounds > 1 else ""), flush=True)
+    units = [(m, s) for m in modes for s in o.samplers]  # generate: each mode once per sampler
     records = []
     for point, pconfig in points:
         with tempfile.TemporaryDirectory(prefix="gptjax-bench-") as tmp:
@@ -247,25 +274,25 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
             print(f"{_point_text(point)}model: {c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}, "
                   f"vocab {c.vocab_size}, {n_params:,} params; {flops.flops_per_token(c, n_params):,} train "
                   "FLOPs/token (6N + 12*L*H*Q*T)", flush=True)
-            base, results = None, {m: [] for m in modes}
+            base, results = None, {u: [] for u in units}
             for r in range(o.rounds):
-                for mode in modes:
+                for mode, sampler in units:
                     steps = o.eager_steps if mode == "jax_eager" else o.steps
-                    spec = {"mode": mode, "workload": o.workload, "config": pconfig.to_dict(), "steps": steps,
-                            "warmup": o.warmup, "repeats": o.repeats, "max_new_tokens": o.max_new_tokens,
-                            "seed": pconfig.train.seed, **files}
-                    results[mode].append(_run_mode(mode, spec, tmp))
+                    spec = {"mode": mode, "workload": o.workload, "sampler": sampler, "config": pconfig.to_dict(),
+                            "steps": steps, "warmup": o.warmup, "repeats": o.repeats,
+                            "max_new_tokens": o.max_new_tokens, "seed": pconfig.train.seed, **files}
+                    results[mode, sampler].append(_run_mode(mode, spec, tmp))
                     if r + 1 < o.rounds:
-                        res, error = results[mode][-1]
-                        print(f"  round {r + 1}/{o.rounds} {mode}: " + (
+                        res, error = results[mode, sampler][-1]
+                        print(f"  round {r + 1}/{o.rounds} {mode}{' ' + sampler if sampler else ''}: " + (
                             f"{statistics.median(res['step_s_runs']) * 1e3:.2f} ms/step" if res else error),
                             flush=True)
                         continue
                     # The last round: the mode's record, from every round, printed as soon as it finishes.
-                    res, error = _pool(results[mode])
+                    res, error = _pool(results[mode, sampler])
                     if mode == "jax_jit" and res is not None:
                         base = {"mode": mode, "losses": res["losses"]}
-                    rec = _record(mode, o, point, pconfig, n_params, res, error,
+                    rec = _record(mode, sampler, o, point, pconfig, n_params, res, error,
                                   base if mode != "jax_jit" else None, host, steps)
                     records.append(rec)
                     print(report.line(rec), flush=True)

@@ -1,5 +1,7 @@
-"""The PyTorch modes: the twin in gptjax/reference/ with nanoGPT's loop, eager (torch_eager) or wrapped in
-torch.compile (torch_compile: inductor, default mode)."""
+"""The PyTorch modes: the twin in gptjax/reference/ with nanoGPT's loop, eager (torch_eager), wrapped in
+torch.compile (torch_compile: inductor, default mode), or nanoGPT's fast path (torch_fast: torch.compile with
+F.scaled_dot_product_attention). Under bfloat16 every mode runs the forward pass and loss under torch.autocast,
+parameters and optimizer in float32, as nanoGPT's train.py does."""
 
 from __future__ import annotations
 
@@ -27,24 +29,58 @@ def generate(forward, idx, max_new_tokens: int, block_size: int, generator: torc
     return idx
 
 
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    """auto: bfloat16 on a GPU that runs it at full speed (compute capability 8.0 or later), as JAX's auto."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda and torch.cuda.get_device_capability() >= (8, 0) else "float32"
+
+
+def autocast(fn, device_type: str, dtype: str):
+    """fn run under torch.autocast(device_type, bfloat16) when dtype is bfloat16 (nanoGPT's ctx); else fn."""
+    if dtype == "float32":
+        return fn
+
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def describe(mode: str, dtype: str, workload: str, sampler: str | None) -> str:
+    parts = [f"torch.compile ({COMPILE_MODE})" if mode != "torch_eager" else "eager"]
+    if mode == "torch_fast":
+        parts.append("SDPA attention")
+    if dtype == "bfloat16":
+        parts.append("autocast bfloat16")
+    if workload == "generate":
+        parts.append("KV cache: prefill, then one token per step" + (
+            " (decode step compiled, dynamic=True)" if mode != "torch_eager" else "")
+            if sampler == "kv" else "re-forward of the window per token")
+    return ", ".join(parts)
+
+
 def run(spec: dict) -> dict:
     config = Config.from_dict(spec["config"])
     c, t = config.model, config.train
+    mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
     torch.set_num_threads(cores())
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:  # as nanoGPT's train.py: TF32 matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    twin = GPT(c)
+    dtype = resolve_dtype(t.dtype, cuda)
+    twin = GPT(c, sdpa=mode == "torch_fast")
     twin.load_state_dict(torch.load(spec["torch_state"], weights_only=True))
     twin.to(device)
-    net = torch.compile(twin) if spec["mode"] == "torch_compile" else twin
+    compiled = mode in ("torch_compile", "torch_fast")
+    net = autocast(torch.compile(twin) if compiled else twin, device.type, dtype)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT = torch.from_numpy(np.load(spec["x"])[:n].astype(np.int64)).to(device)
     y_NABT = torch.from_numpy(np.load(spec["y"])[:n].astype(np.int64)).to(device)
     A, B, T = x_NABT.shape[1:]
-    workload = spec["workload"]
     pending = {}
 
     if workload == "train":
@@ -69,10 +105,20 @@ def run(spec: dict) -> dict:
         L = spec["max_new_tokens"]
         prompt = x_NABT[0, 0, :, :1]
         gen = torch.Generator(device=device)
+        if sampler == "kv":
+            # dynamic=True: one program for every cache position, not one per position.
+            decode = autocast(torch.compile(twin.decode, dynamic=True) if compiled else twin.decode, device.type,
+                              dtype)
+
+            def sample_once():
+                return twin.generate_kv(prompt, L, 1.0, None, gen, decode=decode, forward=net)
+        else:
+            def sample_once():
+                return generate(net, prompt, L, c.block_size, gen)
 
         def call(i):
             gen.manual_seed(spec["seed"] + i)
-            pending["out"] = generate(net, prompt, L, c.block_size, gen)
+            pending["out"] = sample_once()
             return None
 
         tokens_per_call = B * L
@@ -84,14 +130,15 @@ def run(spec: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"],
-                                         sync_each=workload != "train")
+                                   sync_each=workload != "train")
     return {
         "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
         "losses": None if workload == "generate" else [float(o) for o in outs],
         "device": torch.cuda.get_device_name() if cuda else "cpu", "platform": device.type, "devices": 1,
+        "dtype": dtype,
         "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_mem_source": "torch.cuda.max_memory_allocated" if cuda else None,
         "versions": {p: metadata.version(p) for p in ("torch", "numpy")},
         "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
-        "detail": f"torch.compile ({COMPILE_MODE})" if spec["mode"] == "torch_compile" else "eager",
+        "detail": describe(mode, dtype, workload, sampler),
     }

@@ -12,6 +12,8 @@ import resource
 import sys
 import time
 
+USER_ERROR = 2  # exit status of a worker that found a bad option; its result file is {"user_error": line}
+
 
 def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: bool = False):
     """call(i) queues call i (on batch i) and returns its loss handle; sync() waits for everything queued.
@@ -71,11 +73,18 @@ def main(argv: list[str]) -> int:
     spec_path, result_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
+    from gptjax.errors import UserError
+
     if spec["mode"].startswith("torch"):
         from gptjax.bench import torch_modes as impl
     else:
         from gptjax.bench import jax_modes as impl
-    result = impl.run(spec)
+    try:
+        result = impl.run(spec)
+    except UserError as e:  # an option this device cannot run (--attention=cudnn on a CPU): the runner's to say
+        with open(result_path, "w") as f:
+            json.dump({"user_error": str(e)}, f)
+        return USER_ERROR
     if result.get("peak_mem_bytes") is None:
         result["peak_mem_bytes"], result["peak_mem_source"] = peak_rss_bytes(), "process peak RSS"
     result["malloc"] = malloc

@@ -1,7 +1,9 @@
 """A GPT with nanoGPT's structure, parameter names, initialisation, optimizer groups and schedule, in PyTorch.
 
 Written against gptjax's ModelConfig / TrainConfig so one config builds both twins; `tie_weights=False`
-(which nanoGPT lacks) gives the LM head its own matrix.
+(which nanoGPT lacks) gives the LM head its own matrix. Opt-in, for the benchmark's fast path: `GPT(c, sdpa=True)`
+attends through F.scaled_dot_product_attention (nanoGPT's flash path), and `GPT.generate_kv` samples with a KV
+cache. The defaults (explicit attention, `generate`'s re-forward) are what the parity suite compares.
 """
 
 from __future__ import annotations
@@ -28,23 +30,52 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, sdpa: bool = False):
         super().__init__()
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
         self.attn_dropout = nn.Dropout(c.dropout)
         self.resid_dropout = nn.Dropout(c.dropout)
-        self.n_head, self.n_embd = c.n_head, c.n_embd
+        self.n_head, self.n_embd, self.block_size, self.dropout = c.n_head, c.n_embd, c.block_size, c.dropout
+        self.sdpa = sdpa  # F.scaled_dot_product_attention (fused kernels) instead of the explicit softmax
+
+    def _qkv(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-        y = (self.attn_dropout(att) @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        q, k, v = self._qkv(x)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+            y = self.attn_dropout(att) @ v
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    def decode(self, x, cache, pos: int):
+        """x holds the tokens at positions pos..pos+T-1: their keys and values go into cache = (k, v), each
+        [B, nh, block_size, hs] (None: allocate one), and each query attends to the cached positions up to its
+        own. Returns (y, cache). No dropout: this is for sampling."""
+        B, T, C = x.size()
+        q, k, v = self._qkv(x)
+        if cache is None:
+            cache = tuple(t.new_zeros(B, self.n_head, self.block_size, C // self.n_head) for t in (k, v))
+        k_cache, v_cache = cache
+        k_cache[:, :, pos:pos + T] = k
+        v_cache[:, :, pos:pos + T] = v
+        k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), cache
 
 
 class MLP(nn.Module):
@@ -60,10 +91,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, sdpa: bool = False):
         super().__init__()
         self.ln_1 = LayerNorm(c.n_embd, bias=c.bias)
-        self.attn = CausalSelfAttention(c)
+        self.attn = CausalSelfAttention(c, sdpa)
         self.ln_2 = LayerNorm(c.n_embd, bias=c.bias)
         self.mlp = MLP(c)
 
@@ -71,9 +102,14 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+    def decode(self, x, cache, pos: int):
+        a, cache = self.attn.decode(self.ln_1(x), cache, pos)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), cache
+
 
 class GPT(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, sdpa: bool = False):
         super().__init__()
         assert c.vocab_size > 0 and c.n_embd % c.n_head == 0
         self.config = c
@@ -81,7 +117,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(c.vocab_size, c.n_embd),
             wpe=nn.Embedding(c.block_size, c.n_embd),
             drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            h=nn.ModuleList([Block(c, sdpa) for _ in range(c.n_layer)]),
             ln_f=LayerNorm(c.n_embd, bias=c.bias),
         ))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -118,6 +154,43 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
+            probs = next_token_probs(logits[:, -1, :], temperature, top_k)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
+        return idx
+
+    def decode(self, idx, caches, pos: int):
+        """Last-position logits [B, 1, V] for the tokens idx at positions pos..pos+T-1 (pos + T <= block_size),
+        attending to the cached earlier positions, and the caches with their keys and values written in.
+
+        caches: one (k, v) per layer, or None to start (a prefill: decode(prompt, None, 0)). In eval mode."""
+        T = idx.size(1)
+        assert pos + T <= self.config.block_size, f"positions up to {pos + T} exceed block_size"
+        pos_ids = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos_ids))
+        new = []
+        for block, cache in zip(self.transformer.h, caches or [None] * len(self.transformer.h)):
+            x, cache = block.decode(x, cache, pos)
+            new.append(cache)
+        return self.lm_head(self.transformer.ln_f(x[:, [-1], :])), new
+
+    @torch.no_grad()
+    def generate_kv(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                    generator: torch.Generator | None = None, decode=None, forward=None):
+        """generate's tokens with a KV cache: the prompt in one pass, then one token per step, while the text
+        fits in block_size; past it, generate's crop to the last block_size tokens and re-forward, per token.
+
+        decode / forward (e.g. compiled) run in place of self.decode / self."""
+        decode = self.decode if decode is None else decode
+        forward = self if forward is None else forward
+        S, caches = self.config.block_size, None
+        for _ in range(max_new_tokens):
+            T = idx.size(1)
+            if T > S:  # the window slides: every cached key is at the wrong position
+                logits, _ = forward(idx[:, -S:])
+            elif caches is None:
+                logits, caches = decode(idx, None, 0)
+            else:
+                logits, caches = decode(idx[:, -1:], caches, T - 1)
             probs = next_token_probs(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
         return idx
