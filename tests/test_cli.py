@@ -118,7 +118,8 @@ def test_runs_that_do_not_exist(capsys, tmp_path):
 def test_unknown_start_character(capsys, tiny_run):
     out, _ = tiny_run
     assert "'é'" in _user_error(capsys, "sample", f"--out_dir={out}", "--start=café")
-    assert "takes no --top_p" in _user_error(capsys, "sample", f"--out_dir={out}", "--top_p=0.9")
+    assert "takes no --top_q; did you mean --top_p or --top_k?" in _user_error(capsys, "sample", f"--out_dir={out}",
+                                                                               "--top_q=0.9")
 
 
 def test_python_config_file(tmp_path, shakespeare):

@@ -2,15 +2,15 @@
 within its bound, the KV-cache sampler's tokens, top-p's definition, and each variant's train step compiling once."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli
 from test_train import compile_log
 
-from gptjax import model, sample, train
+from gptjax import cli, model, sample, train
 from gptjax.config import ModelConfig, TrainConfig, override
 from gptjax.errors import UserError
 
@@ -29,6 +29,13 @@ def _loss_and_grads(compute: model.Compute, params, key):
     return jax.jit(jax.value_and_grad(lambda p: train.loss_fn(graphdef, p, x, y, key)))(params)
 
 
+@functools.cache
+def _reference(dropout: bool):
+    """The unrolled einsum path's loss and gradients at seed-0 parameters, computed once per session."""
+    params = model.split(model.create(CFG, 0))[1]
+    return params, _loss_and_grads(model.Compute(), params, jax.random.PRNGKey(3) if dropout else None)
+
+
 def _max_diff(a, b):
     return max(float(jnp.abs(u - v).max()) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -40,8 +47,7 @@ def _max_diff(a, b):
 def test_fast_paths_equal_the_unrolled_einsum_path(compute, key):
     if compute.attention == "xla" and key is not None:
         pytest.skip("the xla attention path has no attention dropout")
-    params = model.split(model.create(CFG, 0))[1]
-    loss0, grads0 = _loss_and_grads(model.Compute(), params, key)
+    params, (loss0, grads0) = _reference(key is not None)
     loss1, grads1 = _loss_and_grads(compute, params, key)
     assert abs(float(loss0) - float(loss1)) <= 1e-6
     assert _max_diff(grads0, grads1) <= 1e-6
@@ -102,13 +108,13 @@ def test_compute_choices_resolve_per_device_and_refuse_what_cannot_run():
         model.resolve_compute("float32", "xla", attention_dropout=0.2, device=cpu)
 
 
-def test_bad_compute_options_are_one_line(tiny_config, shakespeare, tmp_path):
+def test_bad_compute_options_are_one_line(tiny_config, shakespeare, tmp_path, capsys):
     for args, match in ((["--dtype=fp16"], "--dtype=fp16: use one of auto, float32, bfloat16"),
                         (["--attention=cudnn"], "--attention=cudnn needs an NVIDIA GPU"),
                         (["--remat=all"], "--remat=all: use one of none, block")):
-        r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}", *args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+        code = cli.main(["train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}", *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and match in lines[0], lines
         assert not (tmp_path / "r").exists()
 
 
@@ -210,16 +216,20 @@ def test_top_p_composes_after_temperature_and_top_k():
     assert sharp == 1 and flat == 5
 
 
-def test_sample_cli_takes_top_p_kv_cache_and_dtype(tiny_config, tmp_path):
+def test_sample_cli_takes_top_p_kv_cache_and_dtype(tiny_config, tmp_path, capsys):
     out = str(tmp_path / "run")
     train.train(override(tiny_config, {"out_dir": out, "max_iters": 10}), progress=False)
     base = ["sample", f"--out_dir={out}", "--max_new_tokens=30", "--seed=3", "--top_k=0", "--temperature=2"]
-    texts = {args: run_cli(*base, *args.split()).stdout for args in
-             ("", "--kv_cache=false", "--top_p=0.2", "--dtype=float32")}
-    assert texts[""] and texts[""] == texts["--kv_cache=false"] == texts["--dtype=float32"]
-    assert texts["--top_p=0.2"] != texts[""]
-    r = run_cli(*base, "--top_p=0")
-    assert r.returncode == 2 and "--top_p=0.0 is out of range" in r.stderr
+    capsys.readouterr()  # training's own output
+
+    def text(*args):
+        assert cli.main(base + list(args)) == 0
+        return capsys.readouterr().out
+
+    plain = text()
+    assert plain and plain == text("--kv_cache=false") == text("--dtype=float32")
+    assert text("--top_p=0.2") != plain
+    assert cli.main(base + ["--top_p=0"]) == 2 and "--top_p=0.0 is out of range" in capsys.readouterr().err
 
 
 def test_train_config_defaults_resolve_to_the_exact_path_on_a_cpu():
