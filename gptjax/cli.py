@@ -113,18 +113,19 @@ def cmd_sample(opts, pos):
         max_new_tokens=_take(opts, "max_new_tokens", int, 500), temperature=_take(opts, "temperature", float, 0.8),
         top_k=_take(opts, "top_k", int, 200), seed=_take(opts, "seed", int, 1337), checkpoint=_checkpoint(opts),
         top_p=_take(opts, "top_p", float, 1.0), kv_cache=_take(opts, "kv_cache", bool, True),
-        dtype=_choice(opts, "dtype", ("auto", "float32", "bfloat16"), "auto"),
-        attention=_choice(opts, "attention", ("auto", "einsum", "xla", "cudnn"), "auto"),
+        dtype=_choice(opts, "dtype", "auto"), attention=_choice(opts, "attention", "auto"),
     )
     for text in texts:
         print(text)
         print("---------------")
 
 
-def _choice(opts, key: str, choices: tuple[str, ...], default: str) -> str:
+def _choice(opts, key: str, default: str) -> str:
+    """--key=WORD, one of config.CHOICES[key]."""
+    from gptjax.config import check_choice
+
     value = _take(opts, key, str, default)
-    if value not in choices:
-        raise UserError(f"--{key}={value}: use one of {', '.join(choices)}")
+    check_choice(key, value)
     return value
 
 
@@ -146,7 +147,7 @@ def cmd_eval(opts, pos):
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    dtype = _choice(opts, "dtype", ("float32", "bfloat16", "auto"), "float32")
+    dtype = _choice(opts, "dtype", "float32")
     r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""),
                        which=_checkpoint(opts), dtype=dtype)
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "

@@ -275,6 +275,16 @@ RANGES = {
 }
 
 
+# The settings that take one of a few words (sample and eval take dtype and attention too).
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "einsum", "xla", "cudnn"),
+           "remat": ("none", "block")}
+
+
+def check_choice(key: str, value: str) -> None:
+    if value not in CHOICES[key]:
+        raise UserError(f"--{key}={value}: use one of {', '.join(CHOICES[key])}")
+
+
 def check_range(key: str, value, name: str | None = None) -> None:
     """A UserError unless value lies in RANGES[key]; `name` is the option as the user wrote it (default key)."""
     lo, hi, lo_open, hi_open = RANGES[key]
@@ -302,10 +312,7 @@ def validate(config: Config) -> None:
         raise UserError(f"--init_from={t.init_from}: use scratch or resume")
     if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:
         raise UserError(f"--lr_decay_iters={t.lr_decay_iters} must exceed --warmup_iters={t.warmup_iters}")
-    for key, value, choices in (("dtype", t.dtype, ("auto", "float32", "bfloat16")),
-                                ("attention", t.attention, ("auto", "einsum", "xla", "cudnn")),
-                                ("remat", t.remat, ("none", "block"))):
-        if value not in choices:
-            raise UserError(f"--{key}={value}: use one of {', '.join(choices)}")
+    for key in CHOICES:
+        check_choice(key, getattr(t, key))
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")

@@ -110,10 +110,6 @@ class Compute:
         return jnp.dtype(self.dtype)
 
 
-DTYPES = ("float32", "bfloat16")
-ATTENTIONS = ("einsum", "xla", "cudnn")
-
-
 def supports_bfloat16(device=None) -> bool:
     """bfloat16 matmuls at full speed: a TPU, or an NVIDIA GPU of compute capability 8.0 (Ampere) or later."""
     device = device or jax.devices()[0]

@@ -15,12 +15,6 @@ from gptjax.bench.worker import n_calls, time_calls
 from gptjax.config import Config
 
 
-def compute_for(config: Config) -> model.Compute:
-    """How train runs this config's model on this process's first device (dtype, attention, scan, remat)."""
-    c, t = config.model, config.train
-    return model.resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, c.dropout)
-
-
 def load_params(c, path: str, compute: model.Compute):
     """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree, and the
     graphdef that runs them as `compute` (parameters are float32 and per-layer whatever it is)."""
@@ -36,7 +30,7 @@ def run(spec: dict) -> dict:
     mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
     eager = mode == "jax_eager"
     devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
-    compute = compute_for(config) if c.model == "gpt" else model.Compute()
+    compute = train.compute_of(config) if c.model == "gpt" else model.Compute()
     graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
