@@ -16,7 +16,7 @@ from gptjax.errors import UserError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "gpt"  # "gpt" or "bigram"
+    model: str = "gpt"  # gpt | bigram | a name given to gptjax.model.register | package.module:factory
     vocab_size: int = 0  # 0: taken from the prepared data
     block_size: int = 256  # context length
     n_layer: int = 6  # transformer blocks
@@ -305,7 +305,9 @@ def validate(config: Config) -> None:
             if f.name in RANGES:
                 check_range(f.name, getattr(section, f.name))
     if m.model not in ("gpt", "bigram"):
-        raise UserError(f"--model={m.model}: use gpt or bigram")
+        from gptjax import model  # a registered research model, or package.module:factory
+
+        model.factory_for(m.model)
     if m.model == "gpt" and m.n_embd % m.n_head:
         raise UserError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
     if t.init_from not in ("scratch", "resume"):

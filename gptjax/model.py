@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -346,12 +348,68 @@ class Bigram(nnx.Module):
         return self.token_embedding_table(idx_BT)
 
 
+# Research API: the models a config's `model` field may name, beyond "gpt" and "bigram".
+MODELS: dict[str, typing.Callable] = {}
+
+
+def register(name: str, factory: typing.Callable | None = None):
+    """Make `factory(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module` buildable as `--model=name`.
+
+    The module maps tokens [B, T] (int32) to logits [B, T, V] (any float dtype; the loss takes float32) through
+    `__call__(idx_BT, key=None)`: key is a PRNG key while training (for dropout; split it as you need) and None when
+    evaluating or sampling. Its parameters are nnx.Param variables, drawn from `rngs.params()`. Use as a decorator
+    (`@register("mine")`) or a call (`register("mine", factory)`); registering a name again replaces it.
+
+    A run of a registered model resumes, samples and evaluates in any process that registered the name first. A
+    model named `package.module:factory` instead is imported where it is needed, so `gptjax sample` and `gptjax
+    eval` rebuild it too.
+    """
+    if name in BUILTIN_MODELS or not name or not name.replace(".", "").replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"cannot register a model as {name!r}: use letters, digits, '.', '_' or '-', and not "
+                         f"{' or '.join(BUILTIN_MODELS)}")
+
+    def add(f):
+        MODELS[name] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+BUILTIN_MODELS = ("gpt", "bigram")
+
+
+def factory_for(name: str) -> typing.Callable:
+    """The factory (config, rngs, compute) -> module that builds `--model=name`; a UserError if none does."""
+    from gptjax.errors import UserError
+
+    if name == "gpt":
+        return GPT
+    if name == "bigram":
+        return lambda c, rngs, compute: Bigram(c, rngs)
+    if name in MODELS:
+        factory = MODELS[name]
+    elif ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+        except ImportError as e:
+            raise UserError(f"--model={name}: cannot import {module_name} ({e}); put its package on PYTHONPATH") \
+                from None
+        except AttributeError:
+            raise UserError(f"--model={name}: {module_name} has no {attr}; name a model factory in it") from None
+        if not callable(factory):
+            raise UserError(f"--model={name}: {attr} is not callable; name a model factory (config, rngs) -> module")
+    else:
+        known = ", ".join([*BUILTIN_MODELS, *MODELS])
+        raise UserError(f"--model={name} is not a model here ({known}): register it first "
+                        "(gptjax.model.register), or name its factory as package.module:factory")
+    return lambda c, rngs, compute: factory(c, rngs)
+
+
 def create(c: ModelConfig, seed: int, compute: Compute = Compute()) -> nnx.Module:
     """A model with freshly initialised parameters; `compute` (GPT only) says how its forward pass runs."""
     assert c.vocab_size > 0, "vocab_size must be set (from the prepared data) before building a model"
-    if c.model == "gpt":
-        return GPT(c, nnx.Rngs(params=seed), compute)
-    return Bigram(c, nnx.Rngs(params=seed))
+    return factory_for(c.model)(c, nnx.Rngs(params=seed), compute)
 
 
 def split(model: nnx.Module):

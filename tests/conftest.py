@@ -66,6 +66,21 @@ def tiny_config(shakespeare):
     return load_config("tiny", {"input": shakespeare})
 
 
+def cli_run(*args):
+    """gptjax in this process, as run_cli's result (returncode, stdout, stderr), without a new process's start-up
+    (seconds of imports each): for the tests that only need a run made, not a fresh interpreter."""
+    import contextlib
+    import io
+    import subprocess
+
+    from gptjax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return subprocess.CompletedProcess(["gptjax", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args, env=None, cwd=None):
     """gptjax in a subprocess, as a user runs it."""
     import subprocess

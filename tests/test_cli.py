@@ -2,7 +2,7 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
+from conftest import cli_run, run_cli
 
 from gptjax import cli
 
@@ -27,13 +27,13 @@ def test_train_end_to_end(tiny_run):
 
 def test_sample_eval_cli(tiny_run):
     out, _ = tiny_run
-    r1 = run_cli("sample", f"--out_dir={out}", "--start=KING:", "--num_samples=2", "--max_new_tokens=40",
+    r1 = cli_run("sample", f"--out_dir={out}", "--start=KING:", "--num_samples=2", "--max_new_tokens=40",
                  "--seed=3", "--top_k=10", "--temperature=0.9")
-    r2 = run_cli("sample", f"--out_dir={out}", "--start=KING:", "--num_samples=2", "--max_new_tokens=40",
+    r2 = cli_run("sample", f"--out_dir={out}", "--start=KING:", "--num_samples=2", "--max_new_tokens=40",
                  "--seed=3", "--top_k=10", "--temperature=0.9")
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert r1.stdout == r2.stdout and r1.stdout.count("KING:") >= 2
-    r = run_cli("eval", f"--out_dir={out}")
+    r = cli_run("eval", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bits/char" in r.stdout and "111,539 tokens" in r.stdout
 
@@ -57,11 +57,11 @@ def test_sample_cli_passes_every_option_through(tiny_run, capsys):
 
 
 def test_prepare_and_bench(shakespeare):
-    r = run_cli("prepare", "--config=tiny", f"--input={shakespeare}")
+    r = cli_run("prepare", "--config=tiny", f"--input={shakespeare}")
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads(r.stdout[: r.stdout.rindex("}") + 1])
     assert meta["train_tokens"] == 1_003_854
-    r = run_cli("bench", "--config=tiny", f"--input={shakespeare}", "--modes=jax_jit", "--steps=3", "--repeats=2")
+    r = cli_run("bench", "--config=tiny", f"--input={shakespeare}", "--modes=jax_jit", "--steps=3", "--repeats=2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ms/step" in r.stdout and "tokens/s" in r.stdout
 
@@ -192,7 +192,7 @@ def test_every_numeric_setting_is_range_checked(capsys, tmp_path, shakespeare, a
 
 
 def _train(shakespeare, out, *args):
-    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", *args)
+    r = cli_run("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
@@ -209,7 +209,7 @@ def test_resume_keeps_the_runs_own_settings(capsys, tmp_path, shakespeare):
     assert "--max_iters=5 is below" in _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
                                                    "--max_iters=5", f"--input={shakespeare}")
     assert (out / "metrics.jsonl").read_text() == before and json.loads((out / "config.json").read_text()) == cfg
-    r = run_cli("train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}", "--max_iters=15")
+    r = cli_run("train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}", "--max_iters=15")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "changed: max_iters: 10 -> 15" in r.stdout and "learning_rate" not in r.stdout.split("changed:")[1]
     now = json.loads((out / "config.json").read_text())

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli_run
 
 from gptjax import cli, data, model, train
 from gptjax.config import ModelConfig
@@ -21,10 +21,10 @@ from gptjax.reference.nanogpt import GPT
 def exported(shakespeare, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     run, ckpt = str(root / "run"), str(root / "nano" / "ckpt.pt")
-    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=30",
+    r = cli_run("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=30",
                 "--scan_layers=true")  # scanned layers: their checkpoints and exports keep per-layer names
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
+    r = cli_run("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
     assert r.returncode == 0, r.stderr[-2000:]
     return run, ckpt
 
@@ -64,7 +64,7 @@ def test_exported_run_gives_the_same_logits_in_the_twin(exported, shakespeare):
 def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     run, ckpt = exported
     imported = str(tmp_path / "imported")
-    r = run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}")
+    r = cli_run("import", "--from=nanogpt", ckpt, f"--out_dir={imported}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample:" in r.stdout
     assert "AdamW state at step 30" in r.stdout
@@ -76,7 +76,7 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
     args = ("--start=ROMEO:", "--max_new_tokens=60", "--seed=7")
-    s1, s2 = run_cli("sample", f"--out_dir={run}", *args), run_cli("sample", f"--out_dir={imported}", *args)
+    s1, s2 = cli_run("sample", f"--out_dir={run}", *args), cli_run("sample", f"--out_dir={imported}", *args)
     assert s1.returncode == 0 and s1.stdout == s2.stdout
     # the import knows no corpus file: eval takes one, and gives the original run's exact loss
     assert train.evaluate(imported, input_path=shakespeare)["loss"] == train.evaluate(run)["loss"]
@@ -87,9 +87,9 @@ def test_imported_run_resumes_like_the_original(exported, tmp_path, shakespeare)
     run, ckpt = exported
     original, imported = str(tmp_path / "original"), str(tmp_path / "imported")
     shutil.copytree(run, original)
-    assert run_cli("import", "--from=nanogpt", ckpt, f"--out_dir={imported}").returncode == 0
+    assert cli_run("import", "--from=nanogpt", ckpt, f"--out_dir={imported}").returncode == 0
     for out in (original, imported):
-        r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", "--init_from=resume",
+        r = cli_run("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", "--init_from=resume",
                     "--max_iters=40")
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = train.load_state(original, "latest")[2], train.load_state(imported, "latest")[2]
@@ -109,7 +109,7 @@ def test_import_a_checkpoint_made_by_pytorch(tmp_path):
                 "iter_num": 5, "best_val_loss": torch.tensor(3.0), "config": {"dataset": "openwebtext",
                                                                               "batch_size": 12}}, path)
     out = str(tmp_path / "run")
-    r = run_cli("import", "--from=nanogpt", path, f"--out_dir={out}")
+    r = cli_run("import", "--from=nanogpt", path, f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokenizer gpt2" in r.stdout
     config, graphdef, params = train.load_run(out)
@@ -161,7 +161,7 @@ def test_bad_exports_and_imports_are_clear_errors_that_keep_what_exists(exported
 
 def test_a_bigram_run_cannot_become_a_nanogpt_checkpoint(shakespeare, tmp_path, fails):
     run = str(tmp_path / "bigram")
-    r = run_cli("train", "--config=bigram", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=2",
+    r = cli_run("train", "--config=bigram", f"--input={shakespeare}", f"--out_dir={run}", "--max_iters=2",
                 "--eval_interval=2", "--eval_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bigram model" in fails("export", f"--out_dir={run}", "--to=nanogpt", str(tmp_path / "b.pt"))

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_run, run_cli
 from crashing import crash_and_resume, metrics
 
 from gptjax import checkpoint, cli, train
@@ -113,7 +113,7 @@ def test_the_first_signal_leaves_the_second_to_kill_at_once():
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path, shakespeare):
     out = tmp_path / "run"
-    r = run_cli("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
+    r = cli_run("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     before = _snapshot(out / "checkpoints")
     rows = (out / "metrics.jsonl").read_text().splitlines()
@@ -164,7 +164,7 @@ def test_out_dir_that_cannot_hold_a_run(capsys, tmp_path, shakespeare, bad, need
 
 def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, shakespeare):
     out = tmp_path / "run"
-    r = run_cli("train", *_tiny(shakespeare, "--max_iters=40", "--eval_interval=5", "--keep_checkpoints=3"),
+    r = cli_run("train", *_tiny(shakespeare, "--max_iters=40", "--eval_interval=5", "--keep_checkpoints=3"),
                 f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -179,7 +179,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, shakespeare):
 
 def test_damaged_checkpoint_is_named_in_one_line(capsys, tmp_path, shakespeare):
     out = tmp_path / "run"
-    r = run_cli("train", *_tiny(shakespeare, "--max_iters=20", "--eval_interval=10"), f"--out_dir={out}")
+    r = cli_run("train", *_tiny(shakespeare, "--max_iters=20", "--eval_interval=10"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     best = checkpoint.resolve(str(out), "best")
     files = sorted((os.path.join(b, n) for b, _, ns in os.walk(best) for n in ns), key=os.path.getsize)
@@ -252,7 +252,7 @@ def test_a_char_corpus_without_newlines_trains_and_samples(tmp_path, shakespeare
     corpus = tmp_path / "one_line.txt"
     with open(shakespeare, encoding="utf-8") as f:
         corpus.write_text(f.read()[:100_000].replace("\n", " "))
-    r = run_cli("train", "--config=tiny", f"--input={corpus}", f"--out_dir={tmp_path / 'run'}", "--max_iters=4",
+    r = cli_run("train", "--config=tiny", f"--input={corpus}", f"--out_dir={tmp_path / 'run'}", "--max_iters=4",
                 "--eval_interval=2", "--eval_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     text = r.stdout.split("sample:\n", 1)[1]
@@ -265,7 +265,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(caps
     import errno
 
     out = tmp_path / "run"
-    r = run_cli("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
+    r = cli_run("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     before = _snapshot(out / "checkpoints")
 

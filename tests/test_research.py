@@ -1,0 +1,102 @@
+"""The research API: a model of the user's own trains, checkpoints, resumes, evaluates and samples through gptjax."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptjax import checkpoint, cli, model, research, sample, train
+from gptjax.config import override
+from gptjax.errors import UserError
+
+
+class TinyLM(nnx.Module):
+    """Embeddings, a causal running mean of them, dropout on it, a linear head: not a model gptjax ships."""
+
+    def __init__(self, c, rngs: nnx.Rngs):
+        self.emb = nnx.Embed(c.vocab_size, c.n_embd, rngs=rngs)
+        self.head = nnx.Linear(c.n_embd, c.vocab_size, rngs=rngs)
+        self.rate = c.dropout
+
+    def __call__(self, idx_BT, key=None):
+        x_BTD = self.emb(idx_BT)
+        x_BTD = jnp.cumsum(x_BTD, axis=1) / jnp.arange(1, idx_BT.shape[1] + 1)[:, None]
+        if key is not None:
+            x_BTD = jnp.where(jax.random.bernoulli(key, 1 - self.rate, x_BTD.shape), x_BTD / (1 - self.rate), 0)
+        return self.head(x_BTD)
+
+
+model.register("test_tiny_lm", TinyLM)
+
+
+def _config(tiny_config, out, **over):
+    return override(tiny_config, {"model": "test_tiny_lm", "dropout": 0.3, "out_dir": str(out), "max_iters": 8,
+                                  "eval_interval": 4, **over})
+
+
+def _params(out, which="latest"):
+    return model.param_names(train.load_run(str(out), which)[2])
+
+
+def test_custom_model_trains_resumes_exactly_evaluates_and_samples(tiny_config, tmp_path):
+    straight = train.train(_config(tiny_config, tmp_path / "a"), progress=False)
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    assert straight["last"]["step"] == 8 and straight["last"]["train_loss"] < first["train_loss"] - 0.1
+    assert set(_params(tmp_path / "a")) == {"emb.embedding", "head.kernel", "head.bias"}
+
+    train.train(_config(tiny_config, tmp_path / "b", max_iters=4), progress=False)
+    assert checkpoint.steps(str(tmp_path / "b")) == [4]
+    train.train(_config(tiny_config, tmp_path / "b", init_from="resume"), progress=False)
+    for name, a in _params(tmp_path / "a").items():  # dropout keys and batches carry over the resume
+        np.testing.assert_array_equal(a, _params(tmp_path / "b")[name], err_msg=name)
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 4, 8]
+    assert os.path.exists(tmp_path / "b" / "loss.png")
+
+    result = train.evaluate(str(tmp_path / "b"), which="latest")
+    assert 0 < result["loss"] < 4.17 and result["tokens"] == result["chars"]  # one char per token
+    texts = sample.sample(str(tmp_path / "b"), start="ROMEO:", max_new_tokens=30, checkpoint="latest")
+    assert texts[0].startswith("ROMEO:") and len(texts[0]) == 6 + 30
+
+
+def test_a_model_named_by_import_path_samples_from_the_cli(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(_config(tiny_config, out, model="test_research:TinyLM", max_iters=2, eval_interval=2),
+                progress=False)
+    capsys.readouterr()
+    assert cli.main(["sample", f"--out_dir={out}", "--max_new_tokens=12", "--start=A"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()[-1]) >= 1
+
+
+@pytest.mark.parametrize("name, says", [
+    ("no_such_model", "is not a model here"),
+    ("no_such_package_xyz:Model", "cannot import no_such_package_xyz"),
+    ("test_research:NoSuchClass", "test_research has no NoSuchClass"),
+])
+def test_an_unknown_model_is_one_line_and_exit_2(name, says, tmp_path, shakespeare, capsys):
+    code = cli.main(["train", "--config=tiny", f"--model={name}", f"--input={shakespeare}", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not os.listdir(tmp_path)
+
+
+def test_register_refuses_builtin_and_odd_names():
+    for name in ("gpt", "bigram", "a:b", "", "two words"):
+        with pytest.raises(ValueError):
+            model.register(name, TinyLM)
+
+
+def test_research_options_modes_and_errors(tmp_path):
+    opts = research.options(["--quick", "--seeds=2", f"--out={tmp_path}", "--width=64"], "demo", extra={"width": 32})
+    assert opts.mode == "quick" and opts.seeds == (1337, 1338) and opts.extra["width"] == 64
+    assert opts.pick(1, 2, 3) == 2 and opts.figures_dir == os.path.join(str(tmp_path), "demo")
+    with pytest.raises(UserError, match="unknown option '--widht=64'"):
+        research.options(["--widht=64"], "demo", extra={"width": 32})
+    with pytest.raises(UserError, match="no such file"):
+        research.options(["--input=/no/such/file.txt"], "demo")
+    assert research.pm([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00" and research.pm([2.5]) == "2.5000"
