@@ -98,7 +98,9 @@ def prepare(config: DataConfig) -> Prepared:
     path = corpus_path(config)
     digest = sha256(path)
     spec = config.tokenizer or CORPORA.get(config.dataset, "char")
-    name = f"{digest[:16]}-{spec.replace(':', '')}"
+    # A BPE learns its merges from the train split only: merges fitted on val text as well made val tokens
+    # likelier and the val loss lower than the model earned. "-train" keeps caches fitted the old way out of use.
+    name = f"{digest[:16]}-{spec.replace(':', '')}" + ("-train" if spec.startswith("bpe:") else "")
     out = os.path.join(data_dir(config), "prepared", name)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -108,7 +110,7 @@ def prepare(config: DataConfig) -> Prepared:
     text = read_text(path)
     n = int(len(text) * 0.9)
     parts = {"train": text[:n], "val": text[n:]}
-    tok = tokenizers.build(spec, text)
+    tok = tokenizers.build(spec, parts["train"] if spec.startswith("bpe:") else text)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     ids = {s: np.asarray(tok.encode(parts[s]), dtype=dtype) for s in SPLITS}
     if min(len(ids["train"]), len(ids["val"])) < 2:

@@ -43,6 +43,17 @@ def test_bpe_tokenizer_is_saved_with_the_data(tmp_path, shakespeare_text):
     assert tok.decode(ids) == corpus.read_text()
 
 
+def test_bpe_merges_are_learned_from_the_train_split_only(tmp_path, shakespeare_text):
+    """The val text's most frequent pair ("zq", 500 times in its last 10%) would be the first merge of a BPE fitted
+    on the whole corpus; fitted on train, as it must be, the val text never shapes the vocabulary."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(shakespeare_text[:9_000] + "zq" * 500)
+    prep = data.prepare(DataConfig(input=str(corpus), tokenizer="bpe:257"))  # one merge
+    assert prep.meta["train_chars"] == 9_000
+    tok = prep.tokenizer()
+    assert len(tok.encode("zq")) == 2 and len(tok.encode(shakespeare_text[:9_000])) < 9_000
+
+
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):
     corpus = tmp_path / "wide.txt"
     corpus.write_text("".join(chr(0x10000 + i) for i in range(66_000)) * 2, encoding="utf-8")
