@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gptjax import data, model, research, train  # noqa: E402
+from gptjax import data, model, optim, research, train  # noqa: E402
 from gptjax.reference import convert, parity  # noqa: E402
 from gptjax.reference.nanogpt import configure_optimizers  # noqa: E402
 
@@ -74,10 +74,10 @@ def both(config, tokens, val_tokens, torch_optimizer) -> dict:
     graphdef, params = model.split(model.create(c, t.seed))
     tm = parity.load_twin(params, c)
     nudged = jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)  # before params are donated to the step
-    tx = train.make_optimizer(t, params)
+    tx = optim.make_optimizer(t, params)
     step_fn = train.make_train_step(graphdef, tx, t)
-    r = alternate(config, tokens, step_fn, train.init_state(params, tx), tm, torch_optimizer(tm), t.max_iters)
-    _, r["loss_floor"], _ = parity.jax_steps(step_fn, train.init_state(nudged, tx), tokens, config, 0, t.max_iters)
+    r = alternate(config, tokens, step_fn, optim.init_state(params, tx), tm, torch_optimizer(tm), t.max_iters)
+    _, r["loss_floor"], _ = parity.jax_steps(step_fn, optim.init_state(nudged, tx), tokens, config, 0, t.max_iters)
     final = convert.to_torch_state_dict(r["state"].params, c)
     r["params_diff"] = max(float((final[k] - p.detach()).abs().max()) for k, p in tm.state_dict().items())
     x, y = train.eval_batches(val_tokens, t, c.block_size, "val", 0)

@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from gptjax import data, parallel, train
+from gptjax import data, model, optim, parallel, train
 from gptjax.cli import parse
 from gptjax.config import load_config
 
@@ -33,10 +33,10 @@ def main(argv):
     config = load_config(opts.pop("config", "shakespeare_char"), opts)
     config, prep, graphdef, params, tx = train.setup(config)
     t, m = config.train, config.model
-    compute = train.compute_of(config)
+    compute = model.compute_of(config)
     mesh = parallel.data_mesh(t.batch_size) if use_mesh else None
     step = train.make_train_step(graphdef, tx, t, mesh)
-    state = train.init_state(params, tx)
+    state = optim.init_state(params, tx)
     if mesh is not None:
         state = jax.device_put(state, parallel.replicated(mesh))
     tokens = prep.tokens("train")

@@ -236,9 +236,9 @@ def _same_weights(a: str, b: str) -> bool:
     import jax
     import numpy as np
 
-    from gptjax import train
+    from gptjax import rundir
 
-    la, lb = (jax.tree.leaves(train.load_state(d, "latest")[2]) for d in (a, b))
+    la, lb = (jax.tree.leaves(rundir.load_state(d, "latest")[2]) for d in (a, b))
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 

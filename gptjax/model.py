@@ -150,6 +150,15 @@ def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = F
     return Compute(dtype=dtype, attention=attention, scan=scan, remat=remat == "block")
 
 
+def compute_of(config, training: bool = True, **changes) -> Compute:
+    """How this config's model runs on JAX's default device: the train settings dtype, attention, scan_layers
+    and remat, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for eval). Without
+    training there is no dropout, so every attention path is open."""
+    t = dataclasses.replace(config.train, **changes)
+    return resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat,
+                                 config.model.dropout if training else 0.0)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 

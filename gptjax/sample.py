@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import model, tokenizers
+from gptjax import model, rundir, tokenizers
 from gptjax.config import check_range
 from gptjax.errors import UserError
 
@@ -101,8 +101,6 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new
     top_k 0 or None samples from the whole distribution; top_p 1 turns nucleus filtering off. kv_cache: see
     generate. dtype and attention: how the model runs (auto: bfloat16 and flash attention on a GPU that has them,
     float32 on a CPU)."""
-    from gptjax.train import load_run
-
     for key, value in (("temperature", temperature), ("num_samples", num_samples),
                        ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed), ("top_p", top_p)):
         check_range(key, value)
@@ -117,7 +115,7 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new
             raise UserError(f"--start={start}: that file is not UTF-8 text; give a text file") from None
     if start == "":
         raise UserError("--start must not be empty: generation needs at least one token to condition on")
-    config, graphdef, params = load_run(out_dir, checkpoint, dtype=dtype, attention=attention)
+    config, graphdef, params = rundir.load_run(out_dir, checkpoint, dtype=dtype, attention=attention)
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     start = default_start(tok) if start is None else start
     prompt = np.asarray(tok.encode(start), np.int32)

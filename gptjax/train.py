@@ -1,8 +1,8 @@
-"""TrainState, AdamW with nanoGPT's schedule / clipping / decay mask, the jitted train step, evaluation, the loop."""
+"""The jitted train step, loss estimates and exact evaluation, and the training loop (optimizer: optim.py; the run
+directory: rundir.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -13,70 +13,15 @@ import signal
 import sys
 import threading
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint, data, model, parallel, tokenizers
+from gptjax import checkpoint, data, model, optim, parallel, rundir
 from gptjax.config import Config, TrainConfig, check_range, resumed
 from gptjax.errors import Stopped, UserError
-
-RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # optimizer steps taken
-    params: object  # nnx.State of the model's parameters
-    opt_state: optax.OptState
-    best_val_loss: jax.Array  # lowest estimated val loss so far (inf before the first eval)
-
-
-def lr_schedule(t: TrainConfig):
-    """nanoGPT's get_lr: warmup lr*(it+1)/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
-    if not t.decay_lr:
-        return lambda it: jnp.asarray(t.learning_rate, jnp.float32)
-
-    def lr(it):
-        it = jnp.asarray(it, jnp.float32)
-        warm = t.learning_rate * (it + 1) / (t.warmup_iters + 1)
-        ratio = jnp.clip((it - t.warmup_iters) / (t.lr_decay_iters - t.warmup_iters), 0.0, 1.0)
-        cos = t.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
-        return jnp.where(it < t.warmup_iters, warm, jnp.where(it > t.lr_decay_iters, t.min_lr, cos))
-
-    return lr
-
-
-def global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
-
-    def update(updates, state, params=None):
-        coef = jnp.minimum(max_norm / (global_norm(updates) + 1e-6), 1.0)
-        return jax.tree.map(lambda g: g * coef, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def decay_mask(params):
-    """Weight decay on matrices and embeddings (>= 2-D), not on biases and LayerNorm gains, as nanoGPT groups them."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
-    adamw = optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8, weight_decay=t.weight_decay,
-                        mask=decay_mask(params))
-    # One state structure whatever grad_clip is, so a resumed run may turn clipping on or off.
-    return optax.chain(clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(), adamw)
-
-
-def init_state(params, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.asarray(jnp.inf, jnp.float32))
 
 
 def loss_fn(graphdef, params, x_BT, y_BT, key=None):
@@ -89,10 +34,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, 
     With a mesh, batches are split over its 'data' axis and the state is replicated; XLA inserts the
     gradient all-reduce. Without one, everything runs on the default device.
     """
-    schedule = lr_schedule(t)
+    schedule = optim.lr_schedule(t)
     grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
 
-    def train_step(state: TrainState, x_ABT, y_ABT, key):
+    def train_step(state: optim.TrainState, x_ABT, y_ABT, key):
         keys = jax.random.split(jax.random.fold_in(key, state.step), x_ABT.shape[0])
         if x_ABT.shape[0] == 1:
             loss, grads = grad_fn(state.params, x_ABT[0], y_ABT[0], keys[0])
@@ -106,7 +51,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, 
             loss, grads = jax.tree.map(lambda a: a / x_ABT.shape[0], (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     if mesh is None:
@@ -161,139 +106,33 @@ def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size
     return total, n
 
 
-def _keep_metrics_before(path: str, step: int) -> None:
-    """Drop the rows a resumed run is about to write again (its checkpoint's step and later), atomically.
-
-    A row cut short by a killed process (the last line) is dropped too.
-    """
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row["step"] < step:
-            kept.append(line)
-    if kept != lines:
-        _atomic_write(path, "".join(kept))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path: str, obj) -> None:
-    _atomic_write(path, json.dumps(obj, indent=1))
-
-
-def saved_config(out: str) -> Config | None:
-    """The config.json of the run in `out`, or None if there is none."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return Config.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a readable gptjax run config ({type(e).__name__}: {e}); restore it, or "
-                        "start a new run with --force") from None
-
-
 def resume_config(overrides: dict, default_out_dir: str) -> tuple[Config, list[str]]:
     """--init_from=resume: the saved config of the run in --out_dir, with only `overrides` changed.
 
     Returns the config and one "key: old -> new" line per setting the overrides changed.
     """
     out = overrides.get("out_dir", default_out_dir)
-    check_out_dir(out)
+    rundir.check_out_dir(out)
     config, changes = resumed(_run_to_resume(out), {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
     return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
 
 
 def _run_to_resume(out: str) -> Config:
-    saved = saved_config(out)
+    saved = rundir.saved_config(out)
     if saved is None:
         raise UserError(f"--init_from=resume: {out} holds no run to resume; train there from scratch first")
     return saved
 
 
-def check_out_dir(out: str) -> None:
-    """--out_dir must name a directory that exists or can be made, and be writable: checked before any work."""
-    if not out.strip():
-        raise UserError("--out_dir is empty: name the run's directory, e.g. --out_dir=out-mine")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out_dir={out} is a file, not a directory: pick another --out_dir")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"--out_dir={out}: {parent} is a file, so the directory cannot be made; pick another")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir={out}: {parent} is not writable; pick a directory you can write to")
-
-
 def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for resume, return the saved config."""
     out = config.train.out_dir
-    check_out_dir(out)
+    rundir.check_out_dir(out)
     if config.train.init_from == "resume":
         return _run_to_resume(out)
-    claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
+    rundir.claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
                   "to replace it", remove=False)
     return None
-
-
-def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> None:
-    """Refuse a directory that holds a run, unless force: then (if remove) its run files are removed."""
-    if any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
-        if not force:
-            raise UserError(f"{out} already holds a run: {advice}")
-        if remove:
-            remove_run_files(out)
-
-
-def remove_run_files(out: str) -> None:
-    """Delete the files a run writes in out (its lock file stays)."""
-    for f in RUN_FILES:
-        p = os.path.join(out, f)
-        shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
-
-
-LOCK_FILE = ".gptjax.lock"
-
-
-@contextlib.contextmanager
-def run_lock(out: str, command: str = "train"):
-    """Hold OUT_DIR's lock for the block: a second process writing the same run gets one line naming the holder.
-
-    An flock: the kernel releases it when the holder exits, however it dies. The directory is made if needed.
-    """
-    import fcntl
-
-    path = os.path.join(out, LOCK_FILE)
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"--out_dir={out}: cannot write there ({e.strerror}); pick a directory you can write to") \
-            from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{out} is in use by {holder}: wait for it to finish, or pick another --out_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"gptjax {command} (pid {os.getpid()})".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 class _StopOnSignal:
@@ -350,17 +189,8 @@ def setup(config: Config):
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
     check_memory(config)
-    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
-    return config, prep, graphdef, params, make_optimizer(config.train, params)
-
-
-def compute_of(config: Config, training: bool = True, **changes) -> model.Compute:
-    """How this config's model runs on JAX's default device: the train settings dtype, attention, scan_layers
-    and remat, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for eval). Without
-    training there is no dropout, so every attention path is open."""
-    t = dataclasses.replace(config.train, **changes)
-    return model.resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat,
-                                 config.model.dropout if training else 0.0)
+    graphdef, params = model.split(model.create(config.model, config.train.seed, model.compute_of(config)))
+    return config, prep, graphdef, params, optim.make_optimizer(config.train, params)
 
 
 def _available_bytes() -> tuple[int | None, int | None]:
@@ -406,14 +236,14 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     saved = _prepare_out_dir(config, force)
     out = config.train.out_dir
     made_dir = not os.path.exists(out)
-    with run_lock(out):
+    with rundir.run_lock(out):
         try:
             if saved is None and force:
-                remove_run_files(out)
+                rundir.remove_run_files(out)
             return _train(config, saved, t0, progress)
         except BaseException as e:
             if saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
-                remove_run_files(out)
+                rundir.remove_run_files(out)
                 if made_dir:
                     shutil.rmtree(out, ignore_errors=True)
             expected = _expected_failure(e, out)
@@ -430,11 +260,11 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         config = dataclasses.replace(saved, data=data_config, train=config.train)
     config, prep, graphdef, params, tx = setup(config)
     if saved is not None:
-        check_tokenizer(config.train.out_dir, prep)
+        rundir.check_tokenizer(config.train.out_dir, prep)
     t, m = config.train, config.model
     out = t.out_dir
     mesh = parallel.data_mesh(config.train.batch_size)
-    state = init_state(params, tx)
+    state = optim.init_state(params, tx)
     if saved is not None and checkpoint.exists(out, "latest"):
         state = checkpoint.restore(out, "latest", state)
         if int(state.step) > t.max_iters:
@@ -443,9 +273,9 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
     elif saved is not None:  # stopped before its first checkpoint: nothing to keep but the settings
         print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
     state = jax.device_put(state, parallel.replicated(mesh))
-    write_json(os.path.join(out, "config.json"), config.to_dict())
-    _keep_metrics_before(os.path.join(out, "metrics.jsonl"), int(state.step))
-    _atomic_write(os.path.join(out, "tokenizer.json"), open(os.path.join(prep.dir, "tokenizer.json")).read())
+    rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
+    rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), int(state.step))
+    rundir.atomic_write(os.path.join(out, "tokenizer.json"), open(os.path.join(prep.dir, "tokenizer.json")).read())
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
     train_step = make_train_step(graphdef, tx, t, mesh)
@@ -467,7 +297,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         return UserError(f"step {step}: {what} is not finite, so training stopped; {keep}. Lower --learning_rate "
                          "(or set --grad_clip) and train again")
 
-    compute = compute_of(config)
+    compute = model.compute_of(config)
     print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
           f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)" + (
@@ -502,7 +332,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                         if not math.isfinite(v):
                             raise diverged(step, f"the estimated {s} loss ({v})")
                     row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                           "lr": float(lr_schedule(t)(step)), "tokens_per_sec": tps,
+                           "lr": float(optim.lr_schedule(t)(step)), "tokens_per_sec": tps,
                            "elapsed_s": time.perf_counter() - t0}
                     history.append(row)
                     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
@@ -545,61 +375,12 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         bar.close()
     jax.block_until_ready(state)
     wall = time.perf_counter() - t0
-    _plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    rundir.plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary = {"steps": t.max_iters - start, "wall_s": wall, "compile_s": compile_s, "last": history[-1],
                "best_val_loss": float(state.best_val_loss), "out_dir": out}
     print(f"done: {summary['steps']} steps in {wall:.1f} s wall; val loss {history[-1]['val_loss']:.4f} "
           f"(best {summary['best_val_loss']:.4f}); checkpoints in {checkpoint.root(out)}")
     return summary
-
-
-def _plot(metrics_path: str, png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("train_loss", "val_loss"):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key.replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def load_run(out_dir: str, which: str | int = "best", **compute):
-    """(config, graphdef, params) of a trained run; `which` is best (else latest), latest, or a step.
-
-    compute: dtype/attention/scan_layers/remat overrides for the graphdef (default: float32, einsum attention,
-    unrolled: the exact forward pass); the parameters are the same whatever they are."""
-    config, graphdef, state = load_state(out_dir, which, **compute)
-    return config, graphdef, state.params
-
-
-def load_state(out_dir: str, which: str | int = "best", **compute):
-    """(config, graphdef, TrainState) of a run, from checkpoint `which`: best (else latest), latest, or a step."""
-    config = saved_config(out_dir)
-    if config is None:
-        raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
-    settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", **compute}
-    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config, False, **settings)))
-    tx = make_optimizer(config.train, params)
-    name = "latest" if which == "best" and not checkpoint.exists(out_dir, "best") else which
-    return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
-
-
-def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:
-    """The prepared data must use the run's own tokenizer: the same text may be given as another corpus file."""
-    run_tok = os.path.join(out_dir, "tokenizer.json")
-    if os.path.exists(run_tok) and tokenizers.load(run_tok).to_json() != prep.tokenizer().to_json():
-        raise UserError(f"this corpus tokenizes differently from {out_dir}/tokenizer.json: use the text the run "
-                        "was trained on (--input=PATH)")
 
 
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "",
@@ -610,10 +391,10 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     the figure to report; bfloat16 (or auto) runs the matmuls as a bfloat16 run trains.
     """
     check_range("eval_batch_size", batch_size, "batch_size")
-    config, graphdef, params = load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
+    config, graphdef, params = rundir.load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
-    check_tokenizer(out_dir, prep)
+    rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
     nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size or config.train.batch_size)
     tok = prep.tokenizer()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, tokenizers, train
+from gptjax import model, rundir, tokenizers, train
 from gptjax.config import load_config
 
 
@@ -48,7 +48,7 @@ def test_eval_bits_per_char_is_its_definition(bpe_run):
     Guards against evaluate() counting the first token's characters, taking one character per token, dividing by
     tokens or bytes, the wrong log base, or an exact loss that drops or adds predictions."""
     out, val_text = bpe_run
-    config, graphdef, params = train.load_run(out)
+    config, graphdef, params = rundir.load_run(out)
     tok = tokenizers.load(f"{out}/tokenizer.json")
     ids = np.asarray(tok.encode(val_text))
     assert tok.decode(ids.tolist()) == val_text

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_train import compile_log
 
-from gptjax import cli, model, sample, train
+from gptjax import cli, model, rundir, sample, train
 from gptjax.config import ModelConfig, TrainConfig, override
 from gptjax.errors import UserError
 
@@ -96,7 +96,7 @@ def test_bfloat16_training_tracks_float32(tiny_config, tmp_path):
     for dtype in ("float32", "bfloat16"):
         c = override(tiny_config, {"out_dir": str(tmp_path / dtype), "max_iters": 30, "dtype": dtype})
         runs[dtype] = train.train(c, progress=False)["last"]["val_loss"]
-        config, _, params = train.load_run(c.train.out_dir, "latest")
+        config, _, params = rundir.load_run(c.train.out_dir, "latest")
         moved[dtype] = model.param_names(params)
     assert abs(runs["bfloat16"] - runs["float32"]) <= 0.02 * runs["float32"]
     init = model.param_names(model.split(model.create(config.model, config.train.seed))[1])

@@ -10,7 +10,8 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from gptjax import model, parallel
     from gptjax.config import ModelConfig, TrainConfig
-    from gptjax.train import init_state, make_optimizer, make_train_step
+    from gptjax.optim import init_state, make_optimizer
+    from gptjax.train import make_train_step
 
     assert len(jax.devices()) == 8
     assert parallel.data_mesh(12).size == 6 and parallel.data_mesh(7).size == 7 and parallel.data_mesh(16).size == 8

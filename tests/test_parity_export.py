@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import cli_run
 
-from gptjax import cli, data, model, train
+from gptjax import cli, data, model, rundir, train
 from gptjax.config import ModelConfig
 from gptjax.reference import parity
 from gptjax.reference.nanogpt import GPT
@@ -49,7 +49,7 @@ def test_exported_run_gives_the_same_logits_in_the_twin(exported, shakespeare):
     groups = checkpoint["optimizer"]["param_groups"]  # nanoGPT's: decayed >= 2-D parameters, then the rest
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and len(checkpoint["optimizer"]["state"]) == 15
     assert checkpoint["config"]["dataset"] == "shakespeare_char" and checkpoint["iter_num"] == 30
-    config, graphdef, params = train.load_run(run)
+    config, graphdef, params = rundir.load_run(run)
     val = data.prepare(config.data).tokens("val")
     x, _ = data.get_batch(val, 8, config.model.block_size, 0, 0)
     logits = np.asarray(model.apply(graphdef, params, x))
@@ -68,10 +68,10 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sample:" in r.stdout
     assert "AdamW state at step 30" in r.stdout
-    assert train.saved_config(run).train.scan_layers  # a scanned model's export and import
-    _, _, a = train.load_state(run)
-    config, _, b = train.load_state(imported)
-    assert config.model == train.load_run(run)[0].model
+    assert rundir.saved_config(run).train.scan_layers  # a scanned model's export and import
+    _, _, a = rundir.load_state(run)
+    config, _, b = rundir.load_state(imported)
+    assert config.model == rundir.load_run(run)[0].model
     assert jax.tree.structure(a) == jax.tree.structure(b)  # params, AdamW moments, counts, step, best val loss
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
@@ -92,7 +92,7 @@ def test_imported_run_resumes_like_the_original(exported, tmp_path, shakespeare)
         r = cli_run("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", "--init_from=resume",
                     "--max_iters=40")
         assert r.returncode == 0, r.stderr[-2000:]
-    a, b = train.load_state(original, "latest")[2], train.load_state(imported, "latest")[2]
+    a, b = rundir.load_state(original, "latest")[2], rundir.load_state(imported, "latest")[2]
     assert int(a.step) == int(b.step) == 40
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
@@ -112,7 +112,7 @@ def test_import_a_checkpoint_made_by_pytorch(tmp_path):
     r = cli_run("import", "--from=nanogpt", path, f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokenizer gpt2" in r.stdout
-    config, graphdef, params = train.load_run(out)
+    config, graphdef, params = rundir.load_run(out)
     assert config.model.bias and config.model.tie_weights and config.train.batch_size == 12
     x = np.random.default_rng(0).integers(0, 50304, (2, 16))
     with torch.no_grad():

@@ -9,7 +9,7 @@ import optax
 import pytest
 import torch
 
-from gptjax import data, model, train
+from gptjax import data, model, optim
 from gptjax.config import load_config
 from gptjax.reference import parity
 
@@ -53,9 +53,9 @@ def test_100_adamw_steps_match_nanogpt(shakespeare, corpus):
 
 def _port_optimizer(t, params, schedule=None, mask=None):
     """gptjax's optimizer with one piece swapped for what a JAX port typically writes."""
-    adamw = optax.adamw(schedule or train.lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8,
-                        weight_decay=t.weight_decay, mask=mask or train.decay_mask(params))
-    return optax.chain(train.clip_by_global_norm(t.grad_clip), adamw)
+    adamw = optax.adamw(schedule or optim.lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=1e-8,
+                        weight_decay=t.weight_decay, mask=mask or optim.decay_mask(params))
+    return optax.chain(optim.clip_by_global_norm(t.grad_clip), adamw)
 
 
 def _no_embedding_decay(params):
@@ -85,10 +85,10 @@ def test_100_step_check_catches_a_port_that_differs(shakespeare, corpus, differe
 def _patch_shipped_code(monkeypatch, difference: str) -> None:
     """Put one difference into gptjax's own train / model code, where `gptjax train` would run it."""
     if difference == "weight decay on every parameter":  # optax.adamw without a mask decays LayerNorm gains too
-        monkeypatch.setattr(train, "decay_mask", lambda params: jax.tree.map(lambda p: True, params))
+        monkeypatch.setattr(optim, "decay_mask", lambda params: jax.tree.map(lambda p: True, params))
     elif difference == "cosine decay to 0, not min_lr":
-        schedule = train.lr_schedule
-        monkeypatch.setattr(train, "lr_schedule", lambda t: schedule(dataclasses.replace(t, min_lr=0.0)))
+        schedule = optim.lr_schedule
+        monkeypatch.setattr(optim, "lr_schedule", lambda t: schedule(dataclasses.replace(t, min_lr=0.0)))
     else:  # PaLM's auxiliary z-loss, 1e-4 * logsumexp(logits)^2, added to the cross-entropy
         cross_entropy = model.cross_entropy
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import checkpoint, cli, model, research, sample, train
+from gptjax import checkpoint, cli, model, research, rundir, sample, train
 from gptjax.config import override
 from gptjax.errors import UserError
 
@@ -39,7 +39,7 @@ def _config(tiny_config, out, **over):
 
 
 def _params(out, which="latest"):
-    return model.param_names(train.load_run(str(out), which)[2])
+    return model.param_names(rundir.load_run(str(out), which)[2])
 
 
 def test_custom_model_trains_resumes_exactly_evaluates_and_samples(tiny_config, tmp_path):

@@ -5,7 +5,8 @@ import pytest
 
 from gptjax import model, sample, tokenizers
 from gptjax.config import ModelConfig, override
-from gptjax.train import load_run, train
+from gptjax.rundir import load_run
+from gptjax.train import train
 
 CFG = ModelConfig(vocab_size=23, block_size=8, n_layer=1, n_head=2, n_embd=16)
 

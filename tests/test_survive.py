@@ -14,7 +14,7 @@ import pytest
 from conftest import cli_run, run_cli
 from crashing import crash_and_resume, metrics
 
-from gptjax import checkpoint, cli, train
+from gptjax import checkpoint, cli, rundir, train
 
 BAR = re.compile(r"\|.*\d+/\d+ \[")  # a tqdm progress line
 
@@ -33,14 +33,14 @@ def _user_error(capsys, *argv) -> str:
 
 
 def _latest_params(out):
-    return jax.tree.leaves(train.load_state(str(out), "latest")[2])
+    return jax.tree.leaves(rundir.load_state(str(out), "latest")[2])
 
 
 def _snapshot(out) -> dict:
     """Every file under out with its bytes (but the lock's holder): to show that nothing was changed."""
     found = {}
     for base, _, names in os.walk(out):
-        for name in set(names) - {train.LOCK_FILE}:
+        for name in set(names) - {rundir.LOCK_FILE}:
             p = os.path.join(base, name)
             with open(p, "rb") as f:
                 found[os.path.relpath(p, out)] = f.read()
@@ -93,7 +93,7 @@ def test_interrupt_saves_the_step_reached_and_resume_finishes_the_run(tmp_path, 
     assert last == (f"gptjax: {signal.Signals(sig).name} at step {step}: saved {checkpoint.resolve(str(out), 'latest')}"
                     f"; continue with gptjax train --init_from=resume --out_dir={out}"), last
     assert 0 < step < 50000 and checkpoint.steps(str(out)) == [step]  # the steps since step 0's eval are kept
-    state = train.load_state(str(out), "latest")[2]
+    state = rundir.load_state(str(out), "latest")[2]
     assert int(state.step) == step
     r = run_cli("train", "--init_from=resume", f"--out_dir={out}", f"--max_iters={step + 3}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -136,7 +136,7 @@ def test_a_second_process_on_the_same_run_is_refused(capsys, tmp_path, shakespea
     r = run_cli("train", *_tiny(shakespeare, "--max_iters=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     before = _snapshot(out)
-    with train.run_lock(str(out), "train"):
+    with rundir.run_lock(str(out), "train"):
         err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
         assert f"{out} is in use by gptjax train (pid {os.getpid()})" in err, err
         err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", "--force")
@@ -171,10 +171,10 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path, shakespeare):
     best_step = min(rows[1:], key=lambda row: row["val_loss"])["step"]
     names = sorted(os.listdir(out / "checkpoints"))
     assert names == sorted({f"best_{best_step:08d}", "step_00000030", "step_00000035", "step_00000040"}), names
-    state = train.load_state(str(out), "best")[2]
+    state = rundir.load_state(str(out), "best")[2]
     assert float(state.best_val_loss) == pytest.approx(min(r["val_loss"] for r in rows[1:]), rel=1e-6)
     assert int(state.step) == best_step
-    assert int(train.load_state(str(out), 35)[2].step) == 35
+    assert int(rundir.load_state(str(out), 35)[2].step) == 35
 
 
 def test_damaged_checkpoint_is_named_in_one_line(capsys, tmp_path, shakespeare):
@@ -200,7 +200,7 @@ def test_damaged_checkpoint_is_named_in_one_line(capsys, tmp_path, shakespeare):
 def test_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n{"step": 10, "val')
-    train._keep_metrics_before(str(path), 10)
+    rundir.keep_metrics_before(str(path), 10)
     assert path.read_text() == '{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n'
 
 

@@ -9,15 +9,8 @@ import pytest
 
 from gptjax import checkpoint, model
 from gptjax.config import ModelConfig, TrainConfig, override
-from gptjax.train import (
-    clip_by_global_norm,
-    decay_mask,
-    init_state,
-    lr_schedule,
-    make_optimizer,
-    make_train_step,
-    train,
-)
+from gptjax.optim import clip_by_global_norm, decay_mask, init_state, lr_schedule, make_optimizer
+from gptjax.train import make_train_step, train
 
 MCFG = ModelConfig(vocab_size=29, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -159,7 +152,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
     train(cfg("b", 10), progress=False)
     resumed = train(cfg("b", 20, "resume"), progress=False)
     assert resumed["steps"] == 10
-    from gptjax.train import load_run
+    from gptjax.rundir import load_run
 
     _, _, pa = load_run(str(tmp_path / "a"), "latest")
     _, _, pb = load_run(str(tmp_path / "b"), "latest")

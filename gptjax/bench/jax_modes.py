@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model, parallel, sample, train
+from gptjax import model, optim, parallel, sample, train
 from gptjax.bench.worker import n_calls, time_calls
 from gptjax.config import Config
 
@@ -30,7 +30,7 @@ def run(spec: dict) -> dict:
     mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
     eager = mode == "jax_eager"
     devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
-    compute = train.compute_of(config) if c.model == "gpt" else model.Compute()
+    compute = model.compute_of(config) if c.model == "gpt" else model.Compute()
     graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
@@ -39,9 +39,9 @@ def run(spec: dict) -> dict:
 
     if workload == "train":
         mesh = None if eager else parallel.data_mesh(B, devices)
-        tx = train.make_optimizer(t, params)
+        tx = optim.make_optimizer(t, params)
         step_fn = train.make_train_step(graphdef, tx, t, mesh)
-        state = train.init_state(params, tx)
+        state = optim.init_state(params, tx)
         if mesh is not None:
             state = jax.device_put(state, parallel.replicated(mesh))
         place = parallel.batch_sharding(mesh) if mesh is not None else devices[0]

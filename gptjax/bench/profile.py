@@ -96,7 +96,8 @@ def profile_jax(config, steps: int) -> str:
     import jax
 
     from gptjax import data, parallel
-    from gptjax.train import init_state, make_train_step, setup
+    from gptjax.optim import init_state
+    from gptjax.train import make_train_step, setup
 
     config, prep, graphdef, params, tx = setup(config)
     t, T = config.train, config.model.block_size

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import torch
 
-from gptjax import checkpoint, model, tokenizers, train
+from gptjax import checkpoint, model, optim, rundir, tokenizers
 from gptjax.config import INT_MAX, Config, DataConfig, ModelConfig, TrainConfig, field_types, validate
 from gptjax.errors import UserError
 from gptjax.reference.nanogpt import get_lr
@@ -141,7 +141,7 @@ def to_torch_optimizer_state(opt_state, config: Config) -> dict:
 
 
 def from_torch_optimizer_state(osd, params, tx, c: ModelConfig):
-    """gptjax's optimizer state (for tx, e.g. train.make_optimizer) from nanoGPT's AdamW state_dict."""
+    """gptjax's optimizer state (for tx, e.g. optim.make_optimizer) from nanoGPT's AdamW state_dict."""
     order, n_decay = _optimizer_order(c)
     groups = osd.get("param_groups") if isinstance(osd, dict) else None
     sizes = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else None
@@ -190,8 +190,8 @@ def train_state_from_nanogpt(ckpt: dict, config: Config):
     """A gptjax TrainState from nanoGPT's ckpt.pt contents: the optimizer state and step where the file has them,
     a fresh optimizer at step 0 where it holds weights only."""
     params = from_torch_state_dict(ckpt["model"], config.model)
-    tx = train.make_optimizer(config.train, params)
-    state = train.init_state(params, tx)
+    tx = optim.make_optimizer(config.train, params)
+    state = optim.init_state(params, tx)
     if "optimizer" not in ckpt:
         return state
     best = ckpt.get("best_val_loss", float("inf"))
@@ -206,7 +206,7 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
 
     A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
     """
-    config, _, state = train.load_state(out_dir, which)
+    config, _, state = rundir.load_state(out_dir, which)
     c = config.model
     if c.model != "gpt":
         raise UserError(f"{out_dir} holds a {c.model} model; nanoGPT checkpoints hold its GPT only")
@@ -336,12 +336,12 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     validate(config)  # nanoGPT's settings as carried over: dropout, betas, learning rates...
     _check_progress(path, ckpt)
     state = train_state_from_nanogpt(dict(ckpt, model=sd), config)  # every check before anything is written
-    train.check_out_dir(out_dir)
-    train.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
-    with train.run_lock(out_dir, "import"):
+    rundir.check_out_dir(out_dir)
+    rundir.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
+    with rundir.run_lock(out_dir, "import"):
         if force:
-            train.remove_run_files(out_dir)
-        train.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+            rundir.remove_run_files(out_dir)
+        rundir.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
         tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
         checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
     return config, state

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptjax import data, model, sample, train
+from gptjax import data, model, optim, sample, train
 from gptjax.config import Config, ModelConfig
 from gptjax.reference import convert
 from gptjax.reference.bigram import BigramLanguageModel
@@ -119,8 +119,8 @@ def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConf
     graphdef, params = model.split(model.create(jc, t.seed))
     tm = load_twin(params, jc, None if jax_model is None else c)
     opt = (torch_optimizer or (lambda m: configure_optimizers(m, t)))(tm)
-    tx = tx or train.make_optimizer(t, params)
-    state, loss_jax, norms = jax_steps(train.make_train_step(graphdef, tx, t), train.init_state(params, tx), tokens,
+    tx = tx or optim.make_optimizer(t, params)
+    state, loss_jax, norms = jax_steps(train.make_train_step(graphdef, tx, t), optim.init_state(params, tx), tokens,
                                        config, 0, steps)
     loss_torch = torch_steps(tm, opt, tokens, config, 0, steps)
     param_diff, worst = _final_diff(state.params, jc, tm)
@@ -153,12 +153,12 @@ def switch_frameworks(config: Config, tokens, before: int, after: int, direction
     c, t = config.model, config.train
     assert c.dropout == 0.0 and direction in ("jax->torch", "torch->jax")
     graphdef, params = model.split(model.create(c, t.seed))
-    tx = train.make_optimizer(t, params)
+    tx = optim.make_optimizer(t, params)
     step_fn = train.make_train_step(graphdef, tx, t)
     tm = load_twin(params, c)
     opt = configure_optimizers(tm, t)
     if direction == "jax->torch":
-        state, _, _ = jax_steps(step_fn, train.init_state(params, tx), tokens, config, 0, before)
+        state, _, _ = jax_steps(step_fn, optim.init_state(params, tx), tokens, config, 0, before)
         ckpt = _through_a_file(convert.nanogpt_checkpoint(config, state))
         if not keep_optimizer:
             ckpt.pop("optimizer")
@@ -190,10 +190,10 @@ def jax_floor(config: Config, tokens, steps: int) -> dict:
     """
     t = config.train
     graphdef, params = model.split(model.create(config.model, t.seed))
-    tx = train.make_optimizer(t, params)
+    tx = optim.make_optimizer(t, params)
     step_fn = train.make_train_step(graphdef, tx, t)
     (p0, l0, _), (p1, l1, _) = (
-        jax_steps(step_fn, train.init_state(p, tx), tokens, config, 0, steps)
+        jax_steps(step_fn, optim.init_state(p, tx), tokens, config, 0, steps)
         for p in (params, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)))
     return {"loss": _curve_diff(l0, l1),
             "params": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0.params),
