@@ -156,7 +156,7 @@ def shape_of(i: int, cfg) -> str:
 
 
 def run(argv):
-    opts = research.options(argv, "lecture_ladder", seeds=3, extra={"steps": 0, "big_steps": 0, "rungs": ""})
+    opts = research.options(argv, "lecture_ladder", seeds=(3, 3, 1), extra={"steps": 0, "big_steps": 0, "rungs": ""})
     steps = opts.extra["steps"] or opts.pick(*STEPS)
     big_steps = opts.extra["big_steps"] or opts.pick(*BIG_STEPS)
     on_gpu = jax.default_backend() == "gpu"
@@ -164,7 +164,7 @@ def run(argv):
         opts.pick(list(range(1, 9)), list(range(1, 9)), [5, 8])
     if not set(chosen) <= set(range(1, 9)):
         raise UserError(f"--rungs={opts.extra['rungs']}: rungs are 1 to 8")
-    seeds = opts.seeds if opts.mode != "smoke" else opts.seeds[:1]
+    seeds = opts.seeds
     page = research.Page(opts, "The lecture's ladder: val loss per step of \"Let's build GPT\"")
     cfgs = configs(opts, steps, big_steps, on_gpu)
     results = {}

@@ -48,13 +48,6 @@ def steps_for(opts, preset: str) -> dict:
     return opts.pick({}, quick, smoke)
 
 
-def seeds_for(opts, argv) -> tuple:
-    """3 seeds in a full run, 2 quick, 1 smoke, unless --seeds says otherwise."""
-    if any(a.startswith("--seeds=") for a in argv):
-        return opts.seeds
-    return opts.seeds[:opts.pick(3, 2, 1)]
-
-
 def measure(opts, seeds, preset: str, vocab: int) -> tuple[list[dict], object]:
     config = research.make_config(opts, preset, vocab_size=vocab, **steps_for(opts, preset))
     print(f"{preset}: {config.train.max_iters} steps x {len(seeds)} seeds", flush=True)
@@ -96,9 +89,9 @@ def plot(results: dict):
 
 
 def run(argv):
-    opts = research.options(argv, "reproduce")
+    opts = research.options(argv, "reproduce", seeds=(3, 2, 1))
     page = research.Page(opts, "Reproducing the anchor numbers")
-    seeds = seeds_for(opts, argv)
+    seeds = opts.seeds
     vocab = data.prepare(research.make_config(opts, "bigram").data).meta["vocab_size"]
     on_gpu = jax.default_backend() == "gpu"
     results, configs, rows = {}, {}, []

@@ -37,7 +37,7 @@ def settings(opts) -> dict:
 def param_counts(config) -> tuple[int, int]:
     """(non-embedding parameters: no wte, no wpe; model.num_params: no wpe, the tied wte/lm_head counted once)."""
     vocab = data.prepare(config.data).meta["vocab_size"]
-    params = model.split(model.abstract_model(dataclasses.replace(config.model, vocab_size=vocab)))[1]
+    params = model.abstract_params(dataclasses.replace(config.model, vocab_size=vocab))
     total = model.num_params(params)
     return total - model.param_names(params)["wte.weight"].size, total
 

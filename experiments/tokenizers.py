@@ -12,20 +12,15 @@ character pairs) cannot encode unseen text.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
 
-import jax
-import numpy as np
-
 from gptjax import data, model, research, tokenizers
+from gptjax.bench import flops
 
 PRESET = "shakespeare_char_cpu"
 WARMUP_FRACTION = 100 / 2000  # the preset's warmup_iters / max_iters, kept for every step count
@@ -46,8 +41,8 @@ def settings(opts: research.Options) -> dict:
 def read_splits(opts: research.Options) -> tuple[str, str, str]:
     """(whole text, train, val): the library's 90/10 split of the characters."""
     text = data.read_text(data.corpus_path(research.make_config(opts, PRESET).data))
-    n = int(len(text) * 0.9)
-    return text, text[:n], text[n:]
+    parts = data.split_text(text)
+    return text, parts["train"], parts["val"]
 
 
 # ---- Part 1: the tokenizers themselves
@@ -115,34 +110,14 @@ def finding_part1(rows: list[dict]) -> str:
 
 def flops_per_token(config) -> tuple[int, float]:
     """(N, FLOPs per token): N counts every parameter but the position table, the tied wte/LM head included."""
-    m = config.model
-    shapes = jax.eval_shape(lambda: model.split(model.create(m, 0))[1])
-    n = sum(math.prod(x.shape) for name, x in model.param_names(shapes).items() if not name.startswith("wpe."))
-    return n, 6 * n + 12 * m.n_layer * m.block_size * m.n_embd
+    n = model.num_params(model.abstract_params(config.model))
+    return n, flops.flops_per_token(config.model, n)
 
 
 def prepare_fit_on_whole(opts: research.Options, spec: str, tok: tokenizers.Tokenizer, root: str) -> str:
-    """gptjax's prepared-data layout under root, but with a BPE fitted on the whole corpus, val included (the leak
-    this page measures; gptjax prepare fits on train only). This writes the files data.prepare finds in its cache
-    (train/val.bin, meta.json, tokenizer.json), so a run with data_dir=root trains and evaluates on them.
-    """
-    path = data.corpus_path(research.make_config(opts, PRESET).data)
-    text = data.read_text(path)
-    n = int(len(text) * 0.9)
-    parts = {"train": text[:n], "val": text[n:]}
-    digest = data.sha256(path)
-    out = os.path.join(root, "prepared", f"{digest[:16]}-{spec.replace(':', '')}-train")
-    os.makedirs(out, exist_ok=True)
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    ids = {k: np.asarray(tok.encode(v), dtype=dtype) for k, v in parts.items()}
-    for k, v in ids.items():
-        v.tofile(os.path.join(out, f"{k}.bin"))
-    tokenizers.save(tok, os.path.join(out, "tokenizer.json"))
-    meta = {"corpus": os.path.abspath(path), "corpus_sha256": digest, "tokenizer": spec,
-            "vocab_size": tok.vocab_size, "dtype": dtype, "train_tokens": len(ids["train"]),
-            "val_tokens": len(ids["val"]), "train_chars": len(parts["train"]), "val_chars": len(parts["val"])}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    """A data_dir under root whose prepared `spec` data uses a BPE fitted on the whole corpus, val included (the
+    leak this page measures; gptjax prepare fits on train only)."""
+    data.prepare_with(research.make_config(opts, PRESET, tokenizer=spec, data_dir=root).data, tok)
     return root
 
 
@@ -338,9 +313,7 @@ def part3(page: research.Page, train: str, val: str) -> dict:
 
 
 def run(argv):
-    opts = research.options(argv, "tokenizers", seeds=2, extra={"char_steps": 0})
-    if opts.mode == "smoke" and not any(a.startswith("--seeds=") for a in argv):
-        opts = dataclasses.replace(opts, seeds=opts.seeds[:1])
+    opts = research.options(argv, "tokenizers", seeds=(2, 2, 1), extra={"char_steps": 0})
     s = settings(opts)
     char_steps = opts.extra["char_steps"] or s["char_steps"]
     page = research.Page(opts, "Tokenizers: char vs GPT-2 BPE vs a BPE trained on tiny Shakespeare")

@@ -93,24 +93,45 @@ class Prepared:
         return tokenizers.load(os.path.join(self.dir, "tokenizer.json"))
 
 
-def prepare(config: DataConfig) -> Prepared:
-    """Tokenize the corpus once (90/10 split of the text); reuse the cache when corpus and tokenizer match."""
+def split_text(text: str) -> dict[str, str]:
+    """The 90/10 split of a corpus' characters: {"train": the first 90%, "val": the rest}."""
+    n = int(len(text) * 0.9)
+    return {"train": text[:n], "val": text[n:]}
+
+
+def _cache_entry(config: DataConfig) -> tuple[str, str, str, str]:
+    """(corpus path, its sha256, tokenizer spec, the prepared directory for the pair)."""
     path = corpus_path(config)
     digest = sha256(path)
     spec = config.tokenizer or CORPORA.get(config.dataset, "char")
     # A BPE learns its merges from the train split only: merges fitted on val text as well made val tokens
     # likelier and the val loss lower than the model earned. "-train" keeps caches fitted the old way out of use.
     name = f"{digest[:16]}-{spec.replace(':', '')}" + ("-train" if spec.startswith("bpe:") else "")
-    out = os.path.join(data_dir(config), "prepared", name)
+    return path, digest, spec, os.path.join(data_dir(config), "prepared", name)
+
+
+def prepare(config: DataConfig) -> Prepared:
+    """Tokenize the corpus once (90/10 split of the text); reuse the cache when corpus and tokenizer match."""
+    path, digest, spec, out = _cache_entry(config)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             return Prepared(out, json.load(f))
-
     text = read_text(path)
-    n = int(len(text) * 0.9)
-    parts = {"train": text[:n], "val": text[n:]}
-    tok = tokenizers.build(spec, parts["train"] if spec.startswith("bpe:") else text)
+    tok = tokenizers.build(spec, split_text(text)["train"] if spec.startswith("bpe:") else text)
+    return _write_prepared(out, path, digest, spec, tok, text)
+
+
+def prepare_with(config: DataConfig, tok: tokenizers.Tokenizer) -> Prepared:
+    """Tokenize the corpus with `tok` (one fitted some other way) into the directory prepare(config) reads: an
+    experiment's control, e.g. a tokenizer fitted on the whole corpus. Replaces what is there."""
+    path, digest, spec, out = _cache_entry(config)
+    shutil.rmtree(out, ignore_errors=True)
+    return _write_prepared(out, path, digest, spec, tok, read_text(path))
+
+
+def _write_prepared(out: str, path: str, digest: str, spec: str, tok: tokenizers.Tokenizer, text: str) -> Prepared:
+    parts = split_text(text)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     ids = {s: np.asarray(tok.encode(parts[s]), dtype=dtype) for s in SPLITS}
     if min(len(ids["train"]), len(ids["val"])) < 2:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.errors import UserError
 
 
 @jax.custom_vjp
@@ -133,8 +134,6 @@ def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = F
     auto attention: cudnn on a GPU in bfloat16 without attention dropout, the einsum path otherwise.
     A choice the device or the settings cannot run is a UserError naming it and the fix.
     """
-    from gptjax.errors import UserError
-
     device = device or jax.devices()[0]
     dtype = ("bfloat16" if supports_bfloat16(device) else "float32") if dtype == "auto" else dtype
     if attention == "auto":
@@ -389,8 +388,6 @@ BUILTIN_MODELS = ("gpt", "bigram")
 
 def factory_for(name: str) -> typing.Callable:
     """The factory (config, rngs, compute) -> module that builds `--model=name`; a UserError if none does."""
-    from gptjax.errors import UserError
-
     if name == "gpt":
         return GPT
     if name == "bigram":

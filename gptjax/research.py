@@ -49,11 +49,13 @@ class Options:
         return os.path.join(self.out, self.script)
 
 
-def options(argv: list[str], script: str, seeds: int = 3, extra: dict | None = None) -> Options:
+def options(argv: list[str], script: str, seeds: int | tuple[int, int, int] = 3, extra: dict | None = None) -> Options:
     """Parse a script's command line: --quick, --smoke, --input=PATH, --data_dir=DIR, --out=DIR, --seeds=N, and
-    the script's own `extra` {key: default} (values keep the default's type). Unknown options: a UserError."""
+    the script's own `extra` {key: default} (values keep the default's type). Unknown options: a UserError.
+
+    seeds: how many seeds without --seeds, one number or (full, quick, smoke)."""
     extra = dict(extra or {})
-    mode, inp, data_dir, out = "full", "", "", os.path.join("experiments", "results")
+    mode, inp, data_dir, out, n_seeds = "full", "", "", os.path.join("experiments", "results"), None
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--"):
@@ -67,7 +69,7 @@ def options(argv: list[str], script: str, seeds: int = 3, extra: dict | None = N
         elif key == "out" and eq:
             out = value
         elif key == "seeds" and eq and value.isdigit() and int(value) > 0:
-            seeds = int(value)
+            n_seeds = int(value)
         elif key in extra and eq:
             default = extra[key]
             try:
@@ -80,7 +82,9 @@ def options(argv: list[str], script: str, seeds: int = 3, extra: dict | None = N
             raise UserError(f"unknown option {arg!r}: {script} takes {' '.join(known)}")
     if inp and not os.path.isfile(inp):
         raise UserError(f"--input={inp}: no such file; give the tiny Shakespeare text file")
-    return Options(script, mode, inp, data_dir, out, tuple(range(1337, 1337 + seeds)), tuple(argv), extra)
+    if n_seeds is None:
+        n_seeds = seeds if isinstance(seeds, int) else seeds[MODES.index(mode)]
+    return Options(script, mode, inp, data_dir, out, tuple(range(1337, 1337 + n_seeds)), tuple(argv), extra)
 
 
 def data_overrides(opts: Options) -> dict:

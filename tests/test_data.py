@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import os
 import urllib.request
@@ -5,7 +6,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from gptjax import data
+from gptjax import data, tokenizers
 from gptjax.config import DataConfig
 from gptjax.errors import UserError
 
@@ -52,6 +53,18 @@ def test_bpe_merges_are_learned_from_the_train_split_only(tmp_path, shakespeare_
     assert prep.meta["train_chars"] == 9_000
     tok = prep.tokenizer()
     assert len(tok.encode("zq")) == 2 and len(tok.encode(shakespeare_text[:9_000])) < 9_000
+
+
+def test_prepare_with_a_tokenizer_fitted_elsewhere_is_what_prepare_reads(tmp_path, shakespeare_text):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(shakespeare_text[:30_000])
+    config = DataConfig(input=str(corpus), tokenizer="bpe:300", data_dir=str(tmp_path / "data"))
+    whole = tokenizers.train_bpe(shakespeare_text[:30_000], 300)  # fitted on val too: an experiment's control
+    data.prepare_with(config, whole)
+    prep = data.prepare(config)
+    assert prep.tokenizer().to_json() == whole.to_json() != data.prepare(dataclasses.replace(
+        config, data_dir=str(tmp_path / "fresh"))).tokenizer().to_json()
+    assert prep.tokens("val").tolist() == whole.encode(data.split_text(shakespeare_text[:30_000])["val"])
 
 
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):

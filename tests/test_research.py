@@ -100,3 +100,7 @@ def test_research_options_modes_and_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         research.options(["--input=/no/such/file.txt"], "demo")
     assert research.pm([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00" and research.pm([2.5]) == "2.5000"
+    per_mode = {m: research.options([f"--{m}"] if m != "full" else [], "demo", seeds=(3, 2, 1)).seeds
+                for m in research.MODES}
+    assert per_mode == {"full": (1337, 1338, 1339), "quick": (1337, 1338), "smoke": (1337,)}
+    assert research.options(["--smoke", "--seeds=2"], "demo", seeds=(3, 2, 1)).seeds == (1337, 1338)
