@@ -1,5 +1,9 @@
 """Orbax checkpoints of the whole train state, committed atomically, the last N kept plus the best.
 
+Arrays are saved as laid out (sharded over a mesh, or whole) and restored into whatever layout the caller's
+`like` has, so a checkpoint moves between meshes and device counts. With several processes (jax.distributed),
+all of them write their shards, and process 0 alone commits.
+
 Layout under OUT_DIR/checkpoints:
   step_00000250/   one per save; the newest `keep` are kept ("latest" is the newest)
   best_00000250/   the checkpoint with the lowest val loss so far (only the newest best_ is kept)
@@ -20,6 +24,7 @@ import zlib
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax import parallel
 from gptjax.errors import UserError
 
 _NAME = re.compile(r"^(step|best)_(\d{8,})$")
@@ -72,15 +77,25 @@ def _commit(tmp: str, final: str) -> None:
 def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> str:
     """Commit the tree as step_<step> (and as best_<step> if best); keep the newest `keep` step checkpoints."""
     r = root(out_dir)
-    os.makedirs(r, exist_ok=True)
-    for name in os.listdir(r):  # saves a killed process left unfinished
-        if name.startswith(".tmp_"):
-            shutil.rmtree(os.path.join(r, name), ignore_errors=True)
     final = os.path.join(r, f"step_{step:08d}")
     tmp = os.path.join(r, f".tmp_step_{step:08d}")
+    lead = jax.process_index() == 0  # with several processes, all write the arrays; process 0 commits
+    if lead:
+        os.makedirs(r, exist_ok=True)
+        for name in os.listdir(r):  # saves a killed process left unfinished
+            if name.startswith(".tmp_"):
+                shutil.rmtree(os.path.join(r, name), ignore_errors=True)
+    parallel.sync(f"gptjax-checkpoint-{step}-clean")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
+    if lead:
+        _commit_all(out_dir, r, step, tmp, final, keep, best)
+    parallel.sync(f"gptjax-checkpoint-{step}-committed")
+    return final
+
+
+def _commit_all(out_dir: str, r: str, step: int, tmp: str, final: str, keep: int, best: bool) -> None:
     _write_manifest(tmp)
     _commit(tmp, final)
     if best:
@@ -92,7 +107,6 @@ def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> st
             _remove(p)
     for _, p in _committed(out_dir, "step")[:-keep]:
         _remove(p)
-    return final
 
 
 def _remove(p: str) -> None:

@@ -12,15 +12,18 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
 
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
   train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
+           [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]
+           [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
   sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
            [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=best|latest|STEP]
            [--kv_cache=true|false] [--dtype=auto|float32|bfloat16] [--attention=auto|einsum|xla|cudnn]
   eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH] [--checkpoint=best|latest|STEP]
-           [--dtype=float32|bfloat16|auto]
+           [--dtype=float32|bfloat16|auto] [--mesh=dp:N,fsdp:M]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--dtype=auto|float32|bfloat16]
            [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast]
            [--workload=train|forward|generate] [--sampler=kv,reforward] [--steps=N] [--eager_steps=N] [--warmup=N]
            [--repeats=R] [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
+           [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]   (the jax_jit_dp mode)
   export   --out_dir=DIR --to=nanogpt FILE.pt [--force] [--checkpoint=best|latest|STEP]
   import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
@@ -83,10 +86,31 @@ def cmd_prepare(opts, pos):
     print(f"prepared in {prep.dir}")
 
 
+def _distributed(opts) -> bool:
+    """--distributed: start jax's multi-controller runtime before anything touches a device; the processes other
+    than process 0 print nothing from here on (their errors still reach stderr)."""
+    distributed = _take(opts, "distributed", bool, False)
+    launch = {k: _take(opts, k, typ, default) for k, typ, default in (
+        ("coordinator_address", str, ""), ("num_processes", int, 0), ("process_id", int, -1))}
+    if not distributed:
+        given = [k for k, v in launch.items() if v not in ("", 0, -1)]
+        if given:
+            raise UserError(f"--{given[0]} applies with --distributed only: add --distributed")
+        return False
+    parallel.init_distributed(**launch)
+    if not parallel.is_lead():  # the file descriptor too: the runtime's collectives print from C++
+        import os
+
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    return True
+
+
 def cmd_train(opts, pos):
     from gptjax import checkpoint, sample, train
 
     force = _take(opts, "force", bool, False)
+    distributed = _distributed(opts)
     if opts.get("init_from") == "resume":  # the run's saved settings; only what is passed here changes
         preset = opts.pop("config", DEFAULT_CONFIG)
         config, changes = train.resume_config(opts, _config({"config": preset}).train.out_dir)
@@ -95,6 +119,9 @@ def cmd_train(opts, pos):
     else:
         config = _config(opts)
     summary = train.train(config, force=force, progress=True)
+    if distributed:  # restoring a checkpoint is collective under jax.distributed: sample from one process later
+        print(f"sample with: gptjax sample --out_dir={summary['out_dir']}")
+        return
     if not checkpoint.exists(summary["out_dir"], "latest"):
         print("no checkpoint yet (no steps trained), so no sample")
         return
@@ -142,14 +169,14 @@ def _checkpoint(opts) -> str | int:
 def cmd_eval(opts, pos):
     from gptjax import train
 
-    _only(opts, ("out_dir", "split", "batch_size", "input", "checkpoint", "dtype"), "eval")
+    _only(opts, ("out_dir", "split", "batch_size", "input", "checkpoint", "dtype", "mesh"), "eval")
     out_dir = _take(opts, "out_dir", str, "out-shakespeare-char-cpu")
     split = _take(opts, "split", str, "val")
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
     dtype = _choice(opts, "dtype", "float32")
     r = train.evaluate(out_dir, split, _take(opts, "batch_size", int, 0), _take(opts, "input", str, ""),
-                       which=_checkpoint(opts), dtype=dtype)
+                       which=_checkpoint(opts), dtype=dtype, mesh=_take(opts, "mesh", str, ""))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
 

@@ -61,6 +61,8 @@ class TrainConfig:
     attention: str = "auto"  # einsum | xla | cudnn (flash); auto: cudnn on a GPU in bfloat16 without dropout
     scan_layers: bool = False  # True: the blocks run by one lax.scan (compile time flat in depth, steps slower)
     remat: str = "none"  # none | block: recompute each block's activations in the backward pass
+    mesh: str = ""  # dp:N,fsdp:M (one size may be -1); empty: every device on dp (as many as divide the batch)
+    step_impl: str = "sharded"  # sharded (jit + shardings, FSDP over fsdp) | shard_map | pmap (explicit pmean)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,8 @@ def _from_file(path: str) -> Config:
     if isinstance(ns.get("config"), Config):
         return ns["config"]
     base = ns.get("base", "shakespeare_char")
+    if not isinstance(base, str) or base not in PRESETS:
+        raise UserError(f"config file {path} sets base = {base!r}: use one of {', '.join(PRESETS)}")
     types = field_types()
     flat = {k: v for k, v in ns.items() if not k.startswith("_") and k in types}
     unknown = [k for k, v in ns.items() if not k.startswith("_") and k not in types and k != "base"
@@ -277,7 +281,7 @@ RANGES = {
 
 # The settings that take one of a few words (sample and eval take dtype and attention too).
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "einsum", "xla", "cudnn"),
-           "remat": ("none", "block")}
+           "remat": ("none", "block"), "step_impl": ("sharded", "shard_map", "pmap")}
 
 
 def check_choice(key: str, value: str) -> None:

@@ -162,9 +162,18 @@ def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
                         "lower --block_size or use a longer corpus")
 
 
+def batch_starts(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, stream: int = 0):
+    """Where each row of a batch starts: [batch] offsets, a pure function of (seed, stream, step)."""
+    return np.random.default_rng([seed, stream, step]).integers(0, len(tokens) - block_size, size=batch_size)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int):
+    """(x, y) int32 [*starts.shape, block]: the block_size+1 tokens from each start, split into input and target.
+    A process reads only its own rows' windows (the starts it was given)."""
+    window = tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
+    return window[..., :-1], window[..., 1:]
+
+
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, stream: int = 0):
     """Random windows of block_size+1 tokens -> (x, y) int32 [batch, block]; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, stream, step])
-    ix = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    window = tokens[ix[:, None] + np.arange(block_size + 1)].astype(np.int32)
-    return window[:, :-1], window[:, 1:]
+    return windows(tokens, batch_starts(tokens, batch_size, block_size, seed, step, stream), block_size)

@@ -1,4 +1,8 @@
-"""Device mesh and shardings: data parallelism over a 'data' axis, parameters and optimizer state replicated.
+"""Scaling out: the device mesh (dp x fsdp), the shardings of the train state and of batches made per process,
+the three forms of the train step (sharded jit, shard_map, pmap), and multi-host start-up (jax.distributed).
+
+Mesh axes: `dp` replicates the state and splits the batch; `fsdp` splits the batch too, and also splits each
+parameter and AdamW moment of >= 2 dimensions along its largest axis that divides evenly (small ones replicated).
 
 Also the process settings every gptjax entry point applies: `use_all_cores` and `reuse_freed_memory` (for a CPU
 host) and `use_compilation_cache`. jax is imported inside the functions so that `use_all_cores` can run before jax
@@ -8,8 +12,11 @@ initialises its backends.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
+
+from gptjax.errors import UserError
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
@@ -83,15 +90,81 @@ def use_compilation_cache() -> str | None:
     return path
 
 
-def data_mesh(batch_size: int, devices=None):
-    """A 1-D mesh over as many devices as evenly divide the batch."""
+AXES = ("dp", "fsdp")  # the mesh's axes; the batch is split over both
+STEP_IMPLS = ("sharded", "shard_map", "pmap")
+
+
+def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
+    """--mesh=dp:N,fsdp:M -> {"dp": N, "fsdp": M}; an axis left out has size 1, one size may be -1 (the rest).
+
+    Empty: every device on dp. The sizes must multiply to n_devices."""
+    if not spec.strip():
+        return {"dp": n_devices, "fsdp": 1}
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, colon, raw = part.strip().partition(":")
+        if name not in AXES or not colon or name in sizes:
+            raise UserError(f"--mesh={spec}: write each axis once as axis:size, over {' and '.join(AXES)}, e.g. "
+                            "--mesh=dp:2,fsdp:4")
+        try:
+            sizes[name] = int(raw)
+        except ValueError:
+            raise UserError(f"--mesh={spec}: {name}'s size {raw!r} is not an integer") from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise UserError(f"--mesh={spec}: {name}'s size must be at least 1 (or -1 for the devices left)")
+    if list(sizes.values()).count(-1) > 1:
+        raise UserError(f"--mesh={spec}: only one axis may be -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if n_devices % known:
+            raise UserError(f"--mesh={spec}: {n_devices} devices do not divide by {known}, so -1 has no size; "
+                            f"pick sizes that multiply to {n_devices}")
+        sizes = {k: n_devices // known if v == -1 else v for k, v in sizes.items()}
+    full = {axis: sizes.get(axis, 1) for axis in AXES}
+    if math.prod(full.values()) != n_devices:
+        raise UserError(f"--mesh={spec}: dp:{full['dp']} x fsdp:{full['fsdp']} is {math.prod(full.values())} "
+                        f"devices, but there are {n_devices}: make the sizes multiply to {n_devices}, or write -1 "
+                        "for one of them")
+    return full
+
+
+def make_mesh(spec: str, batch_size: int, devices=None):
+    """The (dp, fsdp) mesh of --mesh over `devices` (default: every device of every process).
+
+    The batch must divide over dp x fsdp. With no --mesh, dp takes as many devices as evenly divide the batch."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
     devices = list(devices if devices is not None else jax.devices())
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
-    return Mesh(np.array(devices[:n]), ("data",))
+    if not spec.strip():
+        n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+        if jax.process_count() > 1 and n != len(devices):
+            raise UserError(f"--batch_size={batch_size} does not divide over the {len(devices)} devices of "
+                            f"{jax.process_count()} processes: make it a multiple of {len(devices)}")
+        devices = devices[:n]
+    sizes = parse_mesh(spec, len(devices))
+    shards = sizes["dp"] * sizes["fsdp"]
+    if batch_size % shards:
+        raise UserError(f"--batch_size={batch_size} does not divide over the mesh's {shards} batch shards (dp:"
+                        f"{sizes['dp']} x fsdp:{sizes['fsdp']}): make it a multiple of {shards}")
+    shape = tuple(sizes[a] for a in AXES)
+    try:  # the topology-aware order on TPUs and GPUs
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+def data_mesh(batch_size: int, devices=None):
+    """A data-parallel mesh (fsdp 1) over as many devices as evenly divide the batch."""
+    return make_mesh("", batch_size, devices)
+
+
+def describe_mesh(mesh) -> str:
+    return " x ".join(f"{a}:{mesh.shape[a]}" for a in AXES)
 
 
 def replicated(mesh):
@@ -101,7 +174,201 @@ def replicated(mesh):
 
 
 def batch_sharding(mesh, batch_axis: int = 1):
-    """Arrays shaped [..., B, T] split along B (axis 1 for the [A, B, T] micro-batch stacks)."""
+    """Arrays shaped [..., B, T] split along B over dp x fsdp (axis 1 for the [A, B, T] micro-batch stacks)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), "data"))
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int):
+    """A tensor of >= 2 dimensions is split over fsdp along its largest axis that fsdp divides; others replicate."""
+    from jax.sharding import PartitionSpec
+
+    if fsdp > 1 and len(shape) >= 2:
+        for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if shape[axis] % fsdp == 0:
+                return PartitionSpec(*(AXES[1] if i == axis else None for i in range(len(shape))))
+    return PartitionSpec()
+
+
+def state_sharding(mesh, tree):
+    """The sharding of every leaf of a train state (or params) on the mesh: FSDP for matrices, replicated else."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape[AXES[1]])), tree)
+
+
+def check_impl(impl: str, mesh) -> None:
+    if impl not in STEP_IMPLS:
+        raise UserError(f"--step_impl={impl}: use one of {', '.join(STEP_IMPLS)}")
+    if impl != "sharded" and mesh.shape["fsdp"] > 1:
+        raise UserError(f"--step_impl={impl} replicates the train state on every device, so it has no fsdp axis: "
+                        f"use --mesh=dp:{mesh.size}, or --step_impl=sharded to shard the state")
+    if impl == "pmap":
+        import jax
+
+        if jax.process_count() > 1:
+            raise UserError("--step_impl=pmap runs within one process here: use --step_impl=sharded or shard_map "
+                            "with --distributed")
+
+
+class Layout:
+    """Where one backend's train state and batches live on the mesh, and how they get there.
+
+    sharded and shard_map keep the state as global arrays (`state_sharding`: FSDP or replicated); pmap keeps one
+    copy per device, stacked on a leading device axis. `canonical` turns a state into the global form that
+    checkpoints and loss estimates use; `place` puts a global-form state where the step wants it.
+    """
+
+    def __init__(self, mesh, impl: str = "sharded"):
+        check_impl(impl, mesh)
+        self.mesh, self.impl = mesh, impl
+
+    def _stacked(self):
+        """pmap's layout: a leading device axis over a 1-D mesh of the same devices, as pmap's outputs have it (on the
+        2-D mesh, the step's first output would differ from its first input and compile it again)."""
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        return NamedSharding(Mesh(self.mesh.devices.reshape(-1), AXES[:1]), PartitionSpec(AXES[0]))
+
+    def place(self, state):
+        import jax
+        import jax.numpy as jnp
+
+        if self.impl != "pmap":
+            return jax.device_put(state, state_sharding(self.mesh, state))
+        if not hasattr(self, "_stack"):  # jitted once per layout, so that each later call reuses the program
+            n = self.mesh.size
+            self._stack = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), s),
+                                  out_shardings=self._stacked())
+        return self._stack(state)
+
+    def canonical(self, state):
+        import jax
+
+        if self.impl != "pmap":
+            return state
+        if not hasattr(self, "_unstack"):
+            self._unstack = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=replicated(self.mesh))
+        return self._unstack(state)
+
+    def batch(self, shape: tuple[int, ...], rows_of):
+        """(x, y), global [..., B, T] arrays (pmap: [devices, ..., B/devices, T]) made per process:
+        rows_of(lo, hi) -> numpy (x, y) rows lo:hi of B. Only this process's devices' rows are read and copied."""
+        import jax
+
+        k = len(shape) - 2  # the batch axis
+        cache = {}
+
+        def rows(lo, hi):
+            if (lo, hi) not in cache:
+                cache[(lo, hi)] = rows_of(lo, hi)
+            return cache[(lo, hi)]
+
+        if self.impl == "pmap":
+            per = shape[k] // self.mesh.size
+            sharding, shape = self._stacked(), (self.mesh.size, *shape[:k], per, shape[k + 1])
+
+            def part(index, i):
+                d = index[0].start or 0
+                return rows(d * per, (d + 1) * per)[i][None]
+        else:
+            sharding = batch_sharding(self.mesh, k)
+
+            def part(index, i):
+                sl = index[k]
+                return rows(sl.start or 0, shape[k] if sl.stop is None else sl.stop)[i]
+
+        return tuple(jax.make_array_from_callback(shape, sharding, lambda index, i=i: part(index, i)) for i in (0, 1))
+
+
+def compile_step(body, mesh, impl: str, state_like):
+    """The train step `body(state, x, y, key, reduce) -> (state, metrics)` as `impl` runs it on the mesh.
+
+    `reduce(loss, grads)` is where data parallelism shows: the identity for the sharded jit (XLA inserts the
+    all-reduce the shardings imply), lax.pmean over the data axes for shard_map and pmap. `state_like` gives the
+    state's structure and shapes (for the sharded jit's shardings).
+    """
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    def train_step(s, x, y, k):
+        return body(s, x, y, k, lambda loss, grads: (loss, grads))
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    if impl == "sharded":
+        state_sh = replicated(mesh) if state_like is None else state_sharding(mesh, state_like)
+        rep, batch = replicated(mesh), batch_sharding(mesh)
+        return jax.jit(train_step, in_shardings=(state_sh, batch, batch, rep), out_shardings=(state_sh, rep),
+                       donate_argnums=0)
+
+    def data_parallel(axes):
+        def data_parallel_step(s, x, y, k):
+            mean = lambda loss, grads: jax.lax.pmean((loss, grads), axes)  # noqa: E731
+            # each device draws its own dropout masks for its rows
+            return body(s, x, y, jax.random.fold_in(k, jax.lax.axis_index(axes)), mean)
+
+        return data_parallel_step
+
+    if impl == "shard_map":
+        batch = P(None, AXES)
+        # check_vma off: the model's custom-VJP ops do not annotate which values vary across devices
+        return jax.jit(jax.shard_map(data_parallel(AXES), mesh=mesh, in_specs=(P(), batch, batch, P()),
+                                     out_specs=(P(), P()), check_vma=False), donate_argnums=0)
+    # pmap: one program per device over a leading device axis; the key is the same on every device
+    return jax.pmap(data_parallel(AXES[0]), axis_name=AXES[0], in_axes=(0, 0, 0, None), donate_argnums=0,
+                    devices=list(mesh.devices.flat))
+
+
+def param_bytes_per_device(params) -> int:
+    """The most bytes of `params` any one device holds (its shards of the sharded ones, all of the replicated)."""
+    import jax
+
+    held: dict = {}
+    for leaf in jax.tree.leaves(params):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values())
+
+
+def first(x) -> float:
+    """A metric's value as a float: a replicated scalar, or pmap's per-device copies (the first)."""
+    import numpy as np
+
+    return float(np.asarray(x.addressable_shards[0].data).reshape(-1)[0])
+
+
+def is_lead() -> bool:
+    """Whether this is the process that prints and writes the run's files (process 0)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait for every process to get here (a no-op in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def init_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """jax.distributed.initialize: detects SLURM, Open MPI and TPU pods by itself, or takes the three values."""
+    import jax
+
+    given = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes or None),
+                               ("process_id", None if process_id < 0 else process_id)) if v not in ("", None)}
+    if given and len(given) != 3:
+        raise UserError("--distributed: pass all of --coordinator_address=HOST:PORT, --num_processes=N and "
+                        "--process_id=I, or none of them on SLURM or a TPU pod")
+    try:
+        jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"--distributed: jax.distributed.initialize failed ({first}); outside SLURM or a TPU pod, "
+                        "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None

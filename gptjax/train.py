@@ -3,6 +3,7 @@ directory: rundir.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -28,16 +29,19 @@ def loss_fn(graphdef, params, x_BT, y_BT, key=None):
     return model.cross_entropy(model.apply(graphdef, params, x_BT, key), y_BT)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, mesh=None):
-    """jit(train_step(state, x_ABT, y_ABT, key) -> (state, metrics)), A = gradient accumulation micro-batches.
+def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, mesh=None, impl: str = "sharded",
+                    state_like=None):
+    """train_step(state, x_ABT, y_ABT, key) -> (state, metrics), A = gradient accumulation micro-batches.
 
-    With a mesh, batches are split over its 'data' axis and the state is replicated; XLA inserts the
-    gradient all-reduce. Without one, everything runs on the default device.
+    Without a mesh: jit on the default device. With one, as --step_impl runs it (parallel.compile_step): `sharded`
+    (jit with the state laid out as parallel.state_sharding(mesh, state_like); replicated if state_like is None),
+    `shard_map` or `pmap` (per-device gradients, pmean over the data axes; pmap's state and batches carry a leading
+    device axis, see parallel.Layout).
     """
     schedule = optim.lr_schedule(t)
     grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
 
-    def train_step(state: optim.TrainState, x_ABT, y_ABT, key):
+    def train_step(state: optim.TrainState, x_ABT, y_ABT, key, reduce):
         keys = jax.random.split(jax.random.fold_in(key, state.step), x_ABT.shape[0])
         if x_ABT.shape[0] == 1:
             loss, grads = grad_fn(state.params, x_ABT[0], y_ABT[0], keys[0])
@@ -49,19 +53,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(micro, zero, (x_ABT, y_ABT, keys))
             loss, grads = jax.tree.map(lambda a: a / x_ABT.shape[0], (loss, grads))
+        loss, grads = reduce(loss, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
-    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(rep, batch, batch, rep), out_shardings=(rep, rep), donate_argnums=0)
+    return parallel.compile_step(train_step, mesh, impl, state_like)
 
 
-def make_estimate_loss(graphdef, mesh=None):
-    """jit(params, x_NBT, y_NBT) -> mean loss over N batches, in one device call."""
+def make_estimate_loss(graphdef, mesh=None, params_like=None):
+    """jit(params, x_NBT, y_NBT) -> mean loss over N batches, in one device call; with a mesh, the batches split
+    over its data axes and the params laid out as parallel.state_sharding (replicated if params_like is None)."""
 
     def estimate(params, x_NBT, y_NBT):
         return jax.lax.map(lambda xy: loss_fn(graphdef, params, *xy), (x_NBT, y_NBT)).mean()
@@ -69,24 +72,39 @@ def make_estimate_loss(graphdef, mesh=None):
     if mesh is None:
         return jax.jit(estimate)
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(estimate, in_shardings=(rep, batch, batch), out_shardings=rep)
+    params_sh = rep if params_like is None else parallel.state_sharding(mesh, params_like)
+    return jax.jit(estimate, in_shardings=(params_sh, batch, batch), out_shardings=rep)
 
 
-def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index: int):
-    """The eval_iters batches of one loss estimate: fresh random windows each eval, reproducible by seed."""
+def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index: int, layout=None):
+    """The eval_iters batches of one loss estimate: fresh random windows each eval, reproducible by seed.
+
+    numpy [N, B, T] arrays; with a parallel.Layout, global arrays of which this process reads only its own rows."""
     stream = 1 + data.SPLITS.index(split)
-    x, y = data.get_batch(tokens, t.eval_iters * t.batch_size, block_size, t.seed, eval_index, stream)
-    return x.reshape(t.eval_iters, t.batch_size, -1), y.reshape(t.eval_iters, t.batch_size, -1)
+    starts = data.batch_starts(tokens, t.eval_iters * t.batch_size, block_size, t.seed, eval_index, stream)
+    starts = starts.reshape(t.eval_iters, t.batch_size)
+    if layout is None:
+        return data.windows(tokens, starts, block_size)
+    return layout.batch(starts.shape + (block_size,), lambda lo, hi: data.windows(tokens, starts[:, lo:hi], block_size))
 
 
-def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size: int) -> tuple[float, int]:
-    """Summed nats over every next-token prediction of `tokens`, in consecutive windows of block_size; (nats, n)."""
+def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size: int,
+               mesh=None) -> tuple[float, int]:
+    """Summed nats over every next-token prediction of `tokens`, in consecutive windows of block_size; (nats, n).
 
-    @jax.jit
+    With a mesh, each batch splits over its data axes and the params are laid out as parallel.state_sharding."""
+
     def nll_sum(params, x_BT, y_BT, mask_BT):
         logits = model.apply(graphdef, params, x_BT).astype(jnp.float32)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y_BT[..., None], -1)[..., 0]
         return (nll * mask_BT).sum()
+
+    if mesh is None:
+        nll_sum = jax.jit(nll_sum)
+    else:
+        params_sh, rows = parallel.state_sharding(mesh, params), parallel.batch_sharding(mesh, 0)
+        params = jax.device_put(params, params_sh)
+        nll_sum = jax.jit(nll_sum, in_shardings=(params_sh, rows, rows, rows), out_shardings=parallel.replicated(mesh))
 
     n = len(tokens) - 1
     windows = -(-n // block_size)
@@ -195,7 +213,7 @@ def setup(config: Config):
 
 def _available_bytes() -> tuple[int | None, int | None]:
     """(device memory limit, host memory available) in bytes; None where it cannot be read."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     host = None
     try:
         with open("/proc/meminfo") as f:
@@ -233,16 +251,18 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     good checkpoint kept. A fresh run that fails before its first checkpoint leaves no run files behind.
     """
     t0 = time.perf_counter()
-    saved = _prepare_out_dir(config, force)
+    saved = _prepare_out_dir(config, force)  # every process checks; only process 0 writes (after all have checked)
+    parallel.sync("gptjax-out-dir-checked")
+    lead = parallel.is_lead()
     out = config.train.out_dir
     made_dir = not os.path.exists(out)
-    with rundir.run_lock(out):
+    with rundir.run_lock(out) if lead else contextlib.nullcontext():
         try:
-            if saved is None and force:
+            if saved is None and force and lead:
                 rundir.remove_run_files(out)
-            return _train(config, saved, t0, progress)
+            return _train(config, saved, t0, progress and lead)
         except BaseException as e:
-            if saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
+            if lead and saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
                 rundir.remove_run_files(out)
                 if made_dir:
                     shutil.rmtree(out, ignore_errors=True)
@@ -263,33 +283,39 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         rundir.check_tokenizer(config.train.out_dir, prep)
     t, m = config.train, config.model
     out = t.out_dir
-    mesh = parallel.data_mesh(config.train.batch_size)
+    layout = parallel.Layout(parallel.make_mesh(t.mesh, t.batch_size), t.step_impl)
+    mesh, lead = layout.mesh, parallel.is_lead()
     state = optim.init_state(params, tx)
+    state = jax.device_put(state, parallel.state_sharding(mesh, state))  # checkpoints restore into this layout
     if saved is not None and checkpoint.exists(out, "latest"):
         state = checkpoint.restore(out, "latest", state)
         if int(state.step) > t.max_iters:
             raise UserError(f"--max_iters={t.max_iters} is below {out}'s step {int(state.step)}: pass a larger "
                             "--max_iters to train further")
     elif saved is not None:  # stopped before its first checkpoint: nothing to keep but the settings
-        print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
-    state = jax.device_put(state, parallel.replicated(mesh))
-    rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
-    rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), int(state.step))
-    rundir.atomic_write(os.path.join(out, "tokenizer.json"), open(os.path.join(prep.dir, "tokenizer.json")).read())
+        if lead:
+            print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
+    start = int(state.step)
+    if lead:
+        rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
+        rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
+        rundir.atomic_write(os.path.join(out, "tokenizer.json"),
+                            open(os.path.join(prep.dir, "tokenizer.json")).read())
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
-    train_step = make_train_step(graphdef, tx, t, mesh)
-    estimate = make_estimate_loss(graphdef, mesh)
+    train_step = make_train_step(graphdef, tx, t, mesh, t.step_impl, state)
+    estimate = make_estimate_loss(graphdef, mesh, state.params)
+    eval_layout = parallel.Layout(mesh)  # estimates run the sharded jit on the global-form state, for every backend
+    state = layout.place(state)
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
     A, B, T = t.gradient_accumulation_steps, t.batch_size, m.block_size
     tokens_per_step = A * B * T
 
-    batch_place = parallel.batch_sharding(mesh)
-
     def batch(step):
-        """Step's batch, sent to the devices at once: the copy overlaps the step in flight."""
-        x, y = data.get_batch(train_tokens, A * B, T, t.seed, step)
-        return jax.device_put((x.reshape(A, B, T), y.reshape(A, B, T)), batch_place)
+        """Step's batch, sent to this process's devices at once (its own rows only): the copies overlap the step in
+        flight."""
+        starts = data.batch_starts(train_tokens, A * B, T, t.seed, step).reshape(A, B)
+        return layout.batch((A, B, T), lambda lo, hi: data.windows(train_tokens, starts[:, lo:hi], T))
 
     def diverged(step: int, what: str) -> UserError:
         kept = checkpoint.resolve(out, "latest")
@@ -298,17 +324,20 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                          "(or set --grad_clip) and train again")
 
     compute = model.compute_of(config)
-    print(f"{m.model}: {model.num_params(state.params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say = print if lead else (lambda *a, **k: None)  # only process 0 prints
+    say(f"{m.model}: {model.num_params(params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
-          f"data parallel over {mesh.size} {jax.devices()[0].platform} device(s)" + (
+          f"{t.step_impl} step on {parallel.describe_mesh(mesh)} ({mesh.size} {jax.devices()[0].platform} "
+          f"device{'s' if mesh.size > 1 else ''}{processes})" + (
               f"; {compute.dtype}, {compute.attention} attention, layers "
               f"{'scanned' if compute.scan else 'unrolled'}{', remat per block' if compute.remat else ''}"
               if m.model == "gpt" else ""))
-    start = int(state.step)
     saved_step = start  # the step of the newest checkpoint this process can rely on
     history = []
     compile_s = None
     bar = tqdm(total=t.max_iters, initial=start, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    write = bar.write if lead else say
     prev = None  # last step's metrics: fetched a step late so the host never waits on the step just queued
     interval_start, interval_steps = time.perf_counter(), 0
     try:
@@ -318,7 +347,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                 if stop.signum is not None:
                     jax.block_until_ready(state)
                     if step > saved_step:
-                        checkpoint.save(out, step, state, keep=t.keep_checkpoints)
+                        checkpoint.save(out, step, layout.canonical(state), keep=t.keep_checkpoints)
                     where = checkpoint.resolve(out, "latest") or "nothing (no step finished)"
                     raise Stopped(f"{signal.Signals(stop.signum).name} at step {step}: saved {where}; continue with "
                                   f"gptjax train --init_from=resume --out_dir={out}", 128 + stop.signum)
@@ -326,7 +355,8 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                     jax.block_until_ready(state)
                     elapsed = time.perf_counter() - interval_start
                     tps = interval_steps * tokens_per_step / elapsed if interval_steps else 0.0
-                    losses = {s: float(estimate(state.params, *eval_batches(tok, t, T, s, step)))
+                    canon = layout.canonical(state)
+                    losses = {s: float(estimate(canon.params, *eval_batches(tok, t, T, s, step, eval_layout)))
                               for s, tok in (("train", train_tokens), ("val", val_tokens))}
                     for s, v in losses.items():
                         if not math.isfinite(v):
@@ -335,17 +365,19 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                            "lr": float(optim.lr_schedule(t)(step)), "tokens_per_sec": tps,
                            "elapsed_s": time.perf_counter() - t0}
                     history.append(row)
-                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    bar.write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                    if lead:
+                        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    write(f"step {step}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                               f"{tps:,.0f} tokens/s")
                     if step > start:
-                        improved = losses["val"] < float(state.best_val_loss)
+                        improved = losses["val"] < float(canon.best_val_loss)
                         if improved:
                             # Placed like the old value: an array committed elsewhere would recompile the step.
-                            best = jax.device_put(np.float32(losses["val"]), state.best_val_loss.sharding)
-                            state = state._replace(best_val_loss=best)
-                        checkpoint.save(out, step, state, keep=t.keep_checkpoints, best=improved)
+                            best = jax.device_put(np.float32(losses["val"]), canon.best_val_loss.sharding)
+                            canon = canon._replace(best_val_loss=best)
+                            state = layout.place(canon)
+                        checkpoint.save(out, step, canon, keep=t.keep_checkpoints, best=improved)
                         saved_step = step
                     interval_start, interval_steps = time.perf_counter(), 0
                 if step == t.max_iters:
@@ -355,14 +387,14 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                     state, metrics = train_step(state, x, y, dropout_key)
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - tick
-                    bar.write(f"compiled the train step in {compile_s:.1f} s (first call, including one step)")
+                    write(f"compiled the train step in {compile_s:.1f} s (first call, including one step)")
                     interval_start = time.perf_counter()
                 else:
                     state, metrics = train_step(state, x, y, dropout_key)
                     interval_steps += 1
                 x, y = batch(step + 1)  # sampled on the host while the device works
                 if prev is not None:
-                    loss, norm = float(prev["loss"]), float(prev["grad_norm"])
+                    loss, norm = parallel.first(prev["loss"]), parallel.first(prev["grad_norm"])
                     for what, v in (("the loss", loss), ("the gradient norm", norm)):
                         if not math.isfinite(v):
                             raise diverged(step - 1, f"{what} ({v})")
@@ -375,20 +407,22 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
         bar.close()
     jax.block_until_ready(state)
     wall = time.perf_counter() - t0
-    rundir.plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    if lead:
+        rundir.plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary = {"steps": t.max_iters - start, "wall_s": wall, "compile_s": compile_s, "last": history[-1],
-               "best_val_loss": float(state.best_val_loss), "out_dir": out}
-    print(f"done: {summary['steps']} steps in {wall:.1f} s wall; val loss {history[-1]['val_loss']:.4f} "
+               "best_val_loss": parallel.first(layout.canonical(state).best_val_loss), "out_dir": out}
+    say(f"done: {summary['steps']} steps in {wall:.1f} s wall; val loss {history[-1]['val_loss']:.4f} "
           f"(best {summary['best_val_loss']:.4f}); checkpoints in {checkpoint.root(out)}")
     return summary
 
 
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "",
-             which: str | int = "best", dtype: str = "float32") -> dict:
+             which: str | int = "best", dtype: str = "float32", mesh: str = "") -> dict:
     """Exact loss of a run's checkpoint `which` (best by default) over a whole split, in nats/token and bits/char.
 
     input_path replaces the run's corpus file (e.g. for a run imported without one). dtype float32 (default) gives
-    the figure to report; bfloat16 (or auto) runs the matmuls as a bfloat16 run trains.
+    the figure to report; bfloat16 (or auto) runs the matmuls as a bfloat16 run trains. mesh: as train's --mesh
+    (the batches split over its data axes, the parameters sharded over fsdp); default every device on dp.
     """
     check_range("eval_batch_size", batch_size, "batch_size")
     config, graphdef, params = rundir.load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
@@ -396,7 +430,9 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     prep = data.prepare(data_config)
     rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
-    nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size or config.train.batch_size)
+    batch_size = batch_size or config.train.batch_size
+    nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size,
+                         parallel.make_mesh(mesh, batch_size))
     tok = prep.tokenizer()
     chars = prep.meta[f"{split}_chars"] - len(tok.decode([int(tokens[0])]))  # the first token is never predicted
     return {"split": split, "tokens": n, "loss": nats / n, "bits_per_char": nats / math.log(2) / chars,

@@ -35,17 +35,25 @@ def run(spec: dict) -> dict:
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
     A, B, T = x_NABT.shape[1:]
-    pending = {}
+    pending, param_bytes = {}, None
 
+    impl = t.step_impl if mode == "jax_jit_dp" else "sharded"
     if workload == "train":
-        mesh = None if eager else parallel.data_mesh(B, devices)
+        # jax_jit_dp: train's --mesh and --step_impl; jax_jit: one device
+        mesh = None if eager else parallel.make_mesh(t.mesh if mode == "jax_jit_dp" else "", B, devices)
         tx = optim.make_optimizer(t, params)
-        step_fn = train.make_train_step(graphdef, tx, t, mesh)
         state = optim.init_state(params, tx)
-        if mesh is not None:
-            state = jax.device_put(state, parallel.replicated(mesh))
-        place = parallel.batch_sharding(mesh) if mesh is not None else devices[0]
-        xs, ys = jax.device_put(list(x_NABT), place), jax.device_put(list(y_NABT), place)
+        if mesh is None:
+            step_fn = train.make_train_step(graphdef, tx, t)
+            xs, ys = jax.device_put(list(x_NABT), devices[0]), jax.device_put(list(y_NABT), devices[0])
+        else:
+            layout = parallel.Layout(mesh, impl)
+            step_fn = train.make_train_step(graphdef, tx, t, mesh, impl, state)
+            state = layout.place(jax.device_put(state, parallel.state_sharding(mesh, state)))
+            pairs = [layout.batch(x.shape, lambda lo, hi, x=x, y=y: (x[:, lo:hi], y[:, lo:hi]))
+                     for x, y in zip(x_NABT, y_NABT)]
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            param_bytes = parallel.param_bytes_per_device(state.params)  # pmap: a whole copy per device
         key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)  # train's dropout key
         pending["state"] = state
 
@@ -100,19 +108,23 @@ def run(spec: dict) -> dict:
     peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or None
     return {
         "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
-        "losses": None if workload == "generate" else [float(o) for o in outs],
+        "losses": None if workload == "generate" else [float(np.ravel(o)[0]) for o in outs],  # pmap: per device
         "device": dev.device_kind if dev.platform != "cpu" else "cpu", "platform": dev.platform,
         "devices": 1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
+        "mesh": None if mesh is None else parallel.describe_mesh(mesh), "step_impl": impl if mesh is not None else None,
+        "param_bytes_per_device": param_bytes,
         "dtype": compute.dtype, "peak_mem_bytes": peak,
         "peak_mem_source": "jax memory_stats peak_bytes_in_use" if peak else None,
         "versions": {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
-        "threads": None, "detail": describe(eager, compute if c.model == "gpt" else None, workload, sampler),
+        "threads": None, "detail": describe(eager, compute if c.model == "gpt" else None, workload, sampler, impl)
+        + (f", mesh {parallel.describe_mesh(mesh)}" if mesh is not None and mode == "jax_jit_dp" else ""),
     }
 
 
-def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None) -> str:
+def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None,
+             impl: str = "sharded") -> str:
     """The record's detail: how the mode ran; compute None for the bigram."""
-    parts = ["jax.disable_jit()" if eager else "jax.jit"]
+    parts = ["jax.disable_jit()" if eager else "jax.jit" if impl == "sharded" else f"jax.{impl}"]
     if compute is not None:
         parts.append(f"{compute.attention} attention")
         parts += ["scan over layers"] * compute.scan + ["remat per block"] * compute.remat

@@ -20,6 +20,9 @@ FIELDS = {
     "params": "parameter count without position embeddings (nanoGPT's get_num_params)",
     "device": "device kind ('cpu' on a CPU host: see host.cpu)",
     "devices": "devices the mode ran on (the batch split over them)",
+    "mesh": "jax_jit_dp: the mesh it ran on, dp:N x fsdp:M (train's --mesh); null for the other modes",
+    "step_impl": "jax_jit_dp: sharded (jit with shardings) | shard_map | pmap (train's --step_impl); null otherwise",
+    "param_bytes_per_device": "jax_jit_dp train: the most parameter bytes one device holds (FSDP shards them)",
     "dtype": "compute dtype (--dtype, auto resolved on the mode's device): float32, or bfloat16 matmuls with "
              "float32 parameters and optimizer (JAX's Compute; torch.autocast in the torch modes)",
     "host": "cpu model and flags, cores",

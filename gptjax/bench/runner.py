@@ -240,7 +240,8 @@ def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Con
                tokens_per_step=res["tokens_per_call"], tokens_per_sec=tps, first_call_s=res["first_call_s"],
                mfu=flops.mfu(o.workload, c, n_params, tps, res["device"], res["dtype"]),
                peak_mem_bytes=res["peak_mem_bytes"], peak_mem_source=res["peak_mem_source"],
-               loss=res["losses"][-1] if res["losses"] else None)
+               loss=res["losses"][-1] if res["losses"] else None, mesh=res.get("mesh"),
+               step_impl=res.get("step_impl"), param_bytes_per_device=res.get("param_bytes_per_device"))
     both_jax = mode.startswith("jax") and base is not None and base["mode"].startswith("jax")
     if base is not None and res["losses"] and base["losses"] and (c.dropout == 0.0 or both_jax):
         k = min(len(res["losses"]), len(base["losses"]))
