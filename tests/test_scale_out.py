@@ -8,6 +8,7 @@ processes the multi-host case.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,12 +92,15 @@ def runs(tmp_path_factory, shakespeare):
 
     shutil.copytree(root / "half", root / "resumed_on_1")
     resumed = {"resumed_on_dp2_fsdp4": ["train", "--init_from=resume", f"--out_dir={root / 'half'}",
-                                        "--max_iters=20", "--mesh=dp:2,fsdp:4"]}
+                                        "--max_iters=20", "--mesh=dp:2,fsdp:4"],
+               "eval": ["eval", f"--out_dir={root / 'dp8'}", "--mesh=dp:2,fsdp:4", "--batch_size=16"]}
     second = _drive(8, resumed, _env())
     one = _drive(1, {"one": base + [f"--out_dir={root / 'one'}"],
                      "resumed_on_1": ["train", "--init_from=resume", f"--out_dir={root / 'resumed_on_1'}",
-                                      "--max_iters=20", "--mesh="]}, _env())  # the saved mesh needs 8
-    return root, {**first, **second, **one, "resumed_stdout": second["_stdout"]}
+                                      "--max_iters=20", "--mesh="],  # the saved mesh needs 8 devices
+                     "eval": ["eval", f"--out_dir={root / 'dp8'}", "--batch_size=16"]}, _env())
+    evals = [re.findall(r"^val: loss .*$", d["_stdout"], re.M) for d in (second, one)]
+    return root, {**first, **second, **one, "resumed_stdout": second["_stdout"], "evals": evals}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -113,6 +117,13 @@ def test_every_backend_and_mesh_trains_as_one_device_does(runs, name):
     for a, b in zip(_params(root / "one"), _params(root / name)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert results[name]["step_compiles"] == 1, results[name]
+
+
+def test_eval_on_a_mesh_gives_the_one_device_figures(runs):
+    _, results = runs
+    on_mesh, on_one = results["evals"]
+    assert results["eval"]["code"] == 0 and len(on_mesh) == len(on_one) == 1
+    assert on_mesh == on_one  # loss and bits/char to 4 decimals, over the whole val split
 
 
 def test_a_checkpoint_from_8_devices_resumes_on_1_and_on_another_mesh(runs):
