@@ -71,8 +71,9 @@ def run(argv: list[str]) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, (preset, _) in zip(axes[0], models):
         for label, _, _ in backends:
+            same = (label, "sharded dp") if label == "sharded fsdp" else (label,)  # on 1 device fsdp is dp
             pts = [(r["devices"], r["tokens_per_sec"]) for r in rows if r["model"] == preset and (
-                r["backend"] == label or (label == "sharded fsdp" and r["devices"] == 1 and r["backend"] == "sharded dp"))]
+                r["backend"] == label or (r["devices"] == 1 and r["backend"] in same))]
             ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("simulated CPU devices (2 cores)")
@@ -105,9 +106,10 @@ def finding(rows: list[dict]) -> str:
                          f"slowest {slowest['backend']} ({slowest['step_ms']:.2f} ms).")
         if "sharded fsdp" in at_top and "sharded dp" in at_top:
             f, d = at_top["sharded fsdp"], at_top["sharded dp"]
+            ratio = d["param_bytes"] / f["param_bytes"]
             parts.append(f"FSDP over {top} devices holds {f['param_bytes'] / 2**20:.3f} MiB of parameters per device "
-                         f"against {d['param_bytes'] / 2**20:.3f} MiB replicated ({d['param_bytes'] / f['param_bytes']:.1f}x "
-                         "less; 1-D tensors stay whole), and AdamW's two moments shrink the same way.")
+                         f"against {d['param_bytes'] / 2**20:.3f} MiB replicated ({ratio:.1f}x less; 1-D tensors stay "
+                         "whole), and AdamW's two moments shrink the same way.")
         losses = [r["loss"] for r in mine]
         parts.append(f"{preset}'s loss after the timed steps spans {min(losses):.4f}-{max(losses):.4f} over the rows"
                      + (" (equal to 4 decimals)." if max(losses) - min(losses) < 5e-5 else

@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+
 def test_cli_exposes_one_device_per_core(monkeypatch):
     from gptjax import parallel
 

@@ -16,7 +16,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import cli_run
 
 # tiny's own learning rate (1e-2) amplifies the float reassociation of a split batch (sums in another order) to
@@ -176,7 +175,8 @@ def test_fsdp_shards_parameters_and_adamw_moments():
             assert spec[:len(shape)] == [None] * len(shape) and shards == [shape], (path, spec, shards)
     assert {".params", ".opt_statemu", ".opt_statenu"} <= kinds  # the weights and both AdamW moments
     wte = next(leaf for leaf in got["leaves"] if leaf[0] == ".params['wte']['weight'].value")
-    assert [wte[1], wte[2][:2], wte[3]] == [[65, 32], [None, "fsdp"], [[65, 8]]]  # 65 does not divide by 4: the 32 splits
+    # 65 does not divide by 4: the 32 splits
+    assert [wte[1], wte[2][:2], wte[3]] == [[65, 32], [None, "fsdp"], [[65, 8]]]
     assert got["per_device"] < got["total"] / 3  # the 2-D tensors hold nearly every byte; a device has a quarter
 
 
@@ -207,7 +207,7 @@ def test_two_processes_train_as_one_process_with_8_devices(runs, tmp_path, shake
     for o, e in logs:
         o.seek(0), e.seek(0)
         outs.append((o.read(), e.read()))
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     assert "8 cpu devices in 2 processes" in outs[0][0] and "done:" in outs[0][0]
     assert outs[1][0] == ""  # only process 0 prints
