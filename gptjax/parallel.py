@@ -91,7 +91,6 @@ def use_compilation_cache() -> str | None:
 
 
 AXES = ("dp", "fsdp")  # the mesh's axes; the batch is split over both
-STEP_IMPLS = ("sharded", "shard_map", "pmap")
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
@@ -200,8 +199,9 @@ def state_sharding(mesh, tree):
 
 
 def check_impl(impl: str, mesh) -> None:
-    if impl not in STEP_IMPLS:
-        raise UserError(f"--step_impl={impl}: use one of {', '.join(STEP_IMPLS)}")
+    from gptjax.config import check_choice
+
+    check_choice("step_impl", impl)
     if impl != "sharded" and mesh.shape["fsdp"] > 1:
         raise UserError(f"--step_impl={impl} replicates the train state on every device, so it has no fsdp axis: "
                         f"use --mesh=dp:{mesh.size}, or --step_impl=sharded to shard the state")
