@@ -179,6 +179,7 @@ def cmd_eval(opts, pos):
                        which=_checkpoint(opts), dtype=dtype, mesh=_take(opts, "mesh", str, ""))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
+    print(f"(batches of {r['batch_size']} on {r['mesh']})")
 
 
 def cmd_bench(opts, pos):

@@ -166,6 +166,15 @@ def describe_mesh(mesh) -> str:
     return " x ".join(f"{a}:{mesh.shape[a]}" for a in AXES)
 
 
+def describe_devices(mesh) -> str:
+    """e.g. 'dp:4 x fsdp:2 (8 gpu devices in 2 processes)'."""
+    import jax
+
+    n, processes = mesh.size, jax.process_count()
+    return (f"{describe_mesh(mesh)} ({n} {mesh.devices.flat[0].platform} device{'s' if n > 1 else ''}"
+            + (f" in {processes} processes)" if processes > 1 else ")"))
+
+
 def replicated(mesh):
     from jax.sharding import NamedSharding, PartitionSpec
 

@@ -324,12 +324,10 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
                          "(or set --grad_clip) and train again")
 
     compute = model.compute_of(config)
-    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say = print if lead else (lambda *a, **k: None)  # only process 0 prints
     say(f"{m.model}: {model.num_params(params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
-          f"{t.step_impl} step on {parallel.describe_mesh(mesh)} ({mesh.size} {jax.devices()[0].platform} "
-          f"device{'s' if mesh.size > 1 else ''}{processes})" + (
+          f"{t.step_impl} step on {parallel.describe_devices(mesh)}" + (
               f"; {compute.dtype}, {compute.attention} attention, layers "
               f"{'scanned' if compute.scan else 'unrolled'}{', remat per block' if compute.remat else ''}"
               if m.model == "gpt" else ""))
@@ -431,10 +429,10 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
     batch_size = batch_size or config.train.batch_size
-    nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size,
-                         parallel.make_mesh(mesh, batch_size))
+    mesh = parallel.make_mesh(mesh, batch_size)
+    nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size, mesh)
     tok = prep.tokenizer()
     chars = prep.meta[f"{split}_chars"] - len(tok.decode([int(tokens[0])]))  # the first token is never predicted
     return {"split": split, "tokens": n, "loss": nats / n, "bits_per_char": nats / math.log(2) / chars,
-            "chars": chars}
+            "chars": chars, "batch_size": batch_size, "mesh": parallel.describe_devices(mesh)}
 
