@@ -223,24 +223,34 @@ def _available_bytes() -> tuple[int | None, int | None]:
     return stats.get("bytes_limit") or host, host
 
 
-def check_memory(config: Config) -> None:
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 / 10 else f"{n_bytes / 1024**2:.1f} MiB"
+
+
+def check_memory(config: Config, n_devices: int = 0) -> None:
     """Refuse, before allocating, a model or a batch that cannot fit: a clear line instead of an allocator's
-    failure (or, on a host that overcommits, the kernel's OOM killer)."""
+    failure (or, on a host that overcommits, the kernel's OOM killer).
+
+    A device holds its shards of what --mesh's fsdp axis splits (parallel.fsdp_spec) and all of the rest; n_devices
+    (default: every device) is what the mesh is laid over."""
     m, t = config.model, config.train
     shapes = jax.eval_shape(lambda: model.split(model.create(m, t.seed))[1])
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    fsdp = parallel.parse_mesh(t.mesh, n_devices or len(jax.devices()))["fsdp"]
+    held = sum(math.prod(x.shape) // (fsdp if len(parallel.fsdp_spec(x.shape, fsdp)) else 1)
+               for x in jax.tree.leaves(shapes))
     device, host = _available_bytes()
-    gb = 1024**3
-    if device is not None and 16 * n > device:  # float32 weights, gradients and AdamW's two moments
-        raise UserError(f"out of memory: the model has {n:,} parameters, which need {16 * n / gb:.1f} GiB for weights, "
-                        f"gradients and AdamW state; {device / gb:.1f} GiB is available: lower --n_embd, --n_layer "
-                        "or --vocab_size")
+    if device is not None and 16 * held > device:  # float32 weights, gradients and AdamW's two moments
+        where = f"a device's shards of them (fsdp:{fsdp})" if fsdp > 1 else "they"
+        raise UserError(f"out of memory: the model has {n:,} parameters; {where} need {_size(16 * held)} for "
+                        f"weights, gradients and AdamW state, and {_size(device)} is available: lower --n_embd, "
+                        "--n_layer or --vocab_size, or shard them over several devices (--mesh=fsdp:N)")
     rows = max(t.gradient_accumulation_steps * t.batch_size, t.eval_iters * t.batch_size)
     batch = rows * (m.block_size + 1) * 16  # sampled indices, gathered tokens and the int32 copies
     if host is not None and batch > host:
         raise UserError(f"out of memory: a batch of {rows:,} x {m.block_size + 1} tokens (--batch_size x "
-                        f"--gradient_accumulation_steps or --eval_iters) needs {batch / gb:.1f} GiB of host memory; "
-                        f"{host / gb:.1f} GiB is available: lower --batch_size or --eval_iters")
+                        f"--gradient_accumulation_steps or --eval_iters) needs {_size(batch)} of host memory; "
+                        f"{_size(host)} is available: lower --batch_size or --eval_iters")
 
 
 def train(config: Config, force: bool = False, progress: bool = True) -> dict:

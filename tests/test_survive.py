@@ -221,8 +221,8 @@ def test_a_bad_config_file_is_one_line(capsys, tmp_path, shakespeare, body, need
 
 
 @pytest.mark.parametrize("option, needle", [
-    ("--n_embd=32768", "parameters, which need"),
-    ("--vocab_size=2000000000", "parameters, which need"),
+    ("--n_embd=32768", "parameters; they need"),
+    ("--vocab_size=2000000000", "parameters; they need"),
     ("--batch_size=2147483647", "of host memory"),
     ("--eval_iters=2000000000", "of host memory"),
 ])
