@@ -158,9 +158,10 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config,
     from gptjax import data, model
     from gptjax.train import setup
 
-    # How the modes compute is resolved in each mode's process, on its own device: this host-side setup only
-    # makes the weights, so it asks for nothing a CPU could refuse (--attention=cudnn).
-    host_train = dataclasses.replace(config.train, dtype="float32", attention="einsum")
+    # How the modes compute is resolved in each mode's process, on its own devices: this host-side setup only
+    # makes the weights, so it asks for nothing this process could refuse (--attention=cudnn, or a --mesh laid
+    # over the worker's devices, not this process's).
+    host_train = dataclasses.replace(config.train, dtype="float32", attention="einsum", mesh="")
     prepared, prep, graphdef, params, _ = setup(dataclasses.replace(config, train=host_train))
     config = dataclasses.replace(config, model=prepared.model)
     c, t = config.model, config.train
