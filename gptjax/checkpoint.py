@@ -170,8 +170,37 @@ def describe(out_dir: str) -> str:
     return "; ".join(parts)
 
 
+def check_root(out_dir: str) -> None:
+    """OUT_DIR/checkpoints, if there, must be a directory: a link to a scratch disk that is not mounted is named in
+    one line rather than read as "no checkpoints" or written through."""
+    r = os.path.join(out_dir, "checkpoints")
+    if os.path.islink(r) and not os.path.exists(r):
+        raise UserError(f"{r} is a link to {os.readlink(r)}, which does not exist (a disk not mounted?): mount or "
+                        "make it, or remove the link")
+    if os.path.exists(r) and not os.path.isdir(r):
+        raise UserError(f"{r} is a file, not a directory of checkpoints: move it away")
+
+
+def _shapes_differ(p: str, abstract) -> str | None:
+    """How the arrays saved in checkpoint p differ in shape from `abstract`'s, or None if they do not: checked
+    before orbax reads them, whose failure would come with pages of its threads' tracebacks."""
+    from collections import Counter
+
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(p)
+    saved = Counter(tuple(m.shape) for m in jax.tree.leaves(getattr(meta, "item_metadata", meta)))
+    wanted = Counter(tuple(x.shape) for x in jax.tree.leaves(abstract))
+    if saved == wanted:
+        return None
+    extra, missing = saved - wanted, wanted - saved
+    if extra and missing:
+        return f"it holds a {next(iter(extra))} array where the settings give {next(iter(missing))}"
+    return f"it holds {sum(saved.values())} arrays where the settings give {sum(wanted.values())}"
+
+
 def restore(out_dir: str, which: str | int, like):
     """The saved tree of checkpoint `which`, restored into the structure, shapes and dtypes of `like`."""
+    check_root(out_dir)
     p = resolve(out_dir, which)
     if p is None:
         if which in ("best", "latest") and not steps(out_dir):
@@ -182,6 +211,10 @@ def restore(out_dir: str, which: str | int, like):
         raise damaged(out_dir, p, problem)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
+        differ = _shapes_differ(p, abstract)
+        if differ:
+            raise UserError(f"checkpoint {p} holds another model than the run's config.json describes ({differ}); "
+                            "put config.json's model settings back as they were when it was saved")
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(p, abstract)
     except (OSError, ValueError) as e:  # files that match the manifest but orbax cannot read

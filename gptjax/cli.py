@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from gptjax import parallel
@@ -99,8 +100,6 @@ def _distributed(opts) -> bool:
         return False
     parallel.init_distributed(**launch)
     if not parallel.is_lead():  # the file descriptor too: the runtime's collectives print from C++
-        import os
-
         sys.stdout.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     return True
@@ -246,7 +245,18 @@ TAKES_FILE = ("export", "import")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; the exit status. Without argv (the `gptjax` program itself) a failed command ends the
+    process at once: a library's worker thread stuck on a failed write must not keep it alive."""
+    if argv is None:
+        code = main(sys.argv[1:])
+        if code:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs its threads' failures, which become our line
     parallel.use_all_cores()
     parallel.reuse_freed_memory()
     parallel.use_compilation_cache()

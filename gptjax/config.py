@@ -76,7 +76,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        return cls(**{name: sub(**d.get(name, {})) for name, sub in SECTIONS.items()})
+        """to_dict's inverse; anything else (not an object, an unknown key, a value of the wrong type) is a
+        ValueError naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"it holds a JSON {type(d).__name__}, not an object")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section {unknown[0]!r}")
+        types, sections = field_types(), {}
+        for name, sub in SECTIONS.items():
+            raw = d.get(name, {})
+            if not isinstance(raw, dict):
+                raise ValueError(f"its {name!r} section is a JSON {type(raw).__name__}, not an object")
+            for key, value in raw.items():
+                if types.get(key, ("",))[0] != name:
+                    raise ValueError(f"unknown {name} setting {key!r}")
+                typ = types[key][1]
+                if not (type(value) is typ or (typ is float and type(value) is int)):
+                    raise ValueError(f"{name}.{key} is {value!r}, not {'an' if typ is int else 'a'} {typ.__name__}")
+            sections[name] = sub(**{k: float(v) if types[k][1] is float else v for k, v in raw.items()})
+        return cls(**sections)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -322,3 +341,4 @@ def validate(config: Config) -> None:
         check_choice(key, getattr(t, key))
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")
+

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -113,13 +114,65 @@ def _cache_entry(config: DataConfig) -> tuple[str, str, str, str]:
 def prepare(config: DataConfig) -> Prepared:
     """Tokenize the corpus once (90/10 split of the text); reuse the cache when corpus and tokenizer match."""
     path, digest, spec, out = _cache_entry(config)
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            return Prepared(out, json.load(f))
+    if os.path.lexists(out):
+        problem = cache_problem(out)
+        if problem is None:
+            with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+                return Prepared(out, json.load(f))
+        print(f"gptjax: the prepared cache {out} is damaged ({problem}); preparing it again", file=sys.stderr)
+        _discard(out)
     text = read_text(path)
     tok = tokenizers.build(spec, split_text(text)["train"] if spec.startswith("bpe:") else text)
     return _write_prepared(out, path, digest, spec, tok, text)
+
+
+META_TYPES = {"corpus_sha256": str, "tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int,
+              "val_tokens": int, "train_chars": int, "val_chars": int}
+
+
+def cache_problem(out: str) -> str | None:
+    """What is wrong with the prepared cache in `out` (meta.json unreadable, a token file missing or not the size
+    its meta gives, the tokenizer unreadable), or None when its files agree with its meta."""
+    try:
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"meta.json cannot be read: {type(e).__name__}"
+    if not isinstance(meta, dict):
+        return "meta.json is not an object"
+    for key, typ in META_TYPES.items():
+        if type(meta.get(key)) is not typ:
+            return f"meta.json's {key} is {meta.get(key)!r}"
+    if meta["dtype"] not in ("uint16", "uint32"):
+        return f"meta.json's dtype is {meta['dtype']!r}"
+    for split in SPLITS:
+        want = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+        try:
+            size = os.path.getsize(os.path.join(out, f"{split}.bin"))
+        except OSError:
+            return f"{split}.bin is missing"
+        if size != want:
+            return f"{split}.bin has {size:,} bytes where its meta gives {want:,}"
+    try:
+        vocab = tokenizers.load(os.path.join(out, "tokenizer.json")).vocab_size
+    except UserError:
+        return "tokenizer.json is missing or unreadable"
+    if vocab != meta["vocab_size"]:
+        return f"tokenizer.json has {vocab} tokens where its meta gives {meta['vocab_size']}"
+    return None
+
+
+def _discard(out: str) -> None:
+    """Move a damaged cache out of its name at once (another process may prepare it meanwhile), then delete it."""
+    gone = tempfile.mkdtemp(prefix=".damaged-", dir=os.path.dirname(out))
+    try:
+        os.rename(out, os.path.join(gone, "cache"))
+    except FileNotFoundError:  # another process discarded it first
+        pass
+    except OSError as e:
+        raise UserError(f"the prepared cache {out} is damaged and cannot be removed ({e.strerror}): delete it") \
+            from None
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def prepare_with(config: DataConfig, tok: tokenizers.Tokenizer) -> Prepared:

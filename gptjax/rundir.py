@@ -9,11 +9,11 @@ import os
 import shutil
 
 from gptjax import checkpoint, data, model, tokenizers
-from gptjax.config import Config
+from gptjax.config import Config, validate
 from gptjax.errors import UserError
 from gptjax.optim import init_state, make_optimizer
 
-RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "loss.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "checkpoints")
 
 
 LOCK_FILE = ".gptjax.lock"
@@ -32,22 +32,43 @@ def write_json(path: str, obj) -> None:
 def keep_metrics_before(path: str, step: int) -> None:
     """Drop the rows a resumed run is about to write again (its checkpoint's step and later), atomically.
 
-    A row cut short by a killed process (the last line) is dropped too.
+    A row cut short by a killed process (the last line, not ending in a newline) is dropped too; any other line that
+    is not a metrics row is a UserError naming it, and the file is left as it is.
     """
-    if not os.path.exists(path):
+    rows = read_metrics(path)
+    if rows is None:
         return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
+    kept = [line.rstrip("\n") + "\n" for line, row in rows if row is not None and row["step"] < step]
+    if kept != [line for line, _ in rows]:
+        atomic_write(path, "".join(kept))
+
+
+def read_metrics(path: str) -> list[tuple[str, dict | None]] | None:
+    """metrics.jsonl's (line, row) pairs (row None for a last line cut short by a kill); None if there is no file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e}); restore it or delete it") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
-            continue
-        if row["step"] < step:
-            kept.append(line)
-    if kept != lines:
-        atomic_write(path, "".join(kept))
+            row = None
+        cut_short = i == len(lines) and not line.endswith("\n")
+        if not cut_short and not _is_metrics_row(row):
+            raise UserError(f"{path} line {i} is not a metrics row ({line.strip()[:60]!r}): fix or delete that "
+                            "line, then run again")
+        rows.append((line, row if _is_metrics_row(row) else None))
+    return rows
+
+
+def _is_metrics_row(row) -> bool:
+    return isinstance(row, dict) and type(row.get("step")) is int and all(
+        isinstance(row.get(k), (int, float)) for k in ("train_loss", "val_loss"))
 
 
 def saved_config(out: str) -> Config | None:
@@ -56,11 +77,14 @@ def saved_config(out: str) -> Config | None:
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as f:
-            return Config.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a readable gptjax run config ({type(e).__name__}: {e}); restore it, or "
-                        "start a new run with --force") from None
+        with open(path, encoding="utf-8") as f:
+            config = Config.from_dict(json.load(f))
+        validate(config)
+    except (OSError, ValueError, UserError) as e:
+        why = str(e)[:200] if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise UserError(f"{path} is not a readable gptjax run config ({why}); restore it, or start a new run with "
+                        "--force") from None
+    return config
 
 
 def check_out_dir(out: str) -> None:
@@ -87,11 +111,37 @@ def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> No
             remove_run_files(out)
 
 
+def check_replaceable(out: str) -> None:
+    """The run's files in out can be replaced: its checkpoints directory (or the directory a `checkpoints` link
+    points to, on a scratch disk say) takes a new file. Checked before anything of an old run is removed."""
+    import tempfile
+
+    r = os.path.join(out, "checkpoints")
+    if not os.path.isdir(r):
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp_probe_", dir=r)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = f"{r} (a link to {os.path.realpath(r)})" if os.path.islink(r) else r
+        raise UserError(f"cannot write checkpoints in {where}: {e.strerror}; make it writable or pick another "
+                        "--out_dir") from None
+
+
 def remove_run_files(out: str) -> None:
-    """Delete the files a run writes in out (its lock file stays)."""
+    """Delete the files a run writes in out (its lock file stays). A `checkpoints` that is a link (to a scratch disk)
+    stays a link: the checkpoints in the directory it points to are removed."""
     for f in RUN_FILES:
         p = os.path.join(out, f)
-        shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+        if os.path.islink(p) and os.path.isdir(p):
+            for name in os.listdir(p):
+                q = os.path.join(p, name)
+                shutil.rmtree(q) if os.path.isdir(q) and not os.path.islink(q) else os.remove(q)
+        elif os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
 
 
 @contextlib.contextmanager
@@ -128,8 +178,7 @@ def plot_metrics(metrics_path: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = [row for _, row in read_metrics(metrics_path) or [] if row is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("train_loss", "val_loss"):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key.replace("_", " "))
@@ -170,3 +219,22 @@ def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:
     if os.path.exists(run_tok) and tokenizers.load(run_tok).to_json() != prep.tokenizer().to_json():
         raise UserError(f"this corpus tokenizes differently from {out_dir}/tokenizer.json: use the text the run "
                         "was trained on (--input=PATH)")
+
+
+def check_corpus(out_dir: str, prep: data.Prepared) -> None:
+    """The corpus must be the text the run was trained on: its data.json (the prepared meta, written when training
+    began) keeps the corpus' sha256. Runs from before data.json are not checked."""
+    path = os.path.join(out_dir, "data.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            then = json.load(f)["corpus_sha256"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a readable record of the run's corpus ({type(e).__name__}); restore it, or "
+                        "delete it to skip this check") from None
+    now = prep.meta["corpus_sha256"]
+    if then != now:
+        raise UserError(f"the corpus {prep.meta['corpus']} has changed since {out_dir} was trained on it (sha256 "
+                        f"{then[:12]}... then, {now[:12]}... now): pass the text it was trained on with --input=PATH, "
+                        "or train a new run")

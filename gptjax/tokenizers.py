@@ -175,5 +175,13 @@ def save(tok: Tokenizer, path: str) -> None:
 
 
 def load(path: str) -> Tokenizer:
-    with open(path) as f:
-        return from_json(json.load(f))
+    """The tokenizer saved at path; a file that is missing or not a saved tokenizer is one UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return from_json(json.load(f))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the run's tokenizer is needed to read and write its text; copy it back "
+                        "(the prepared cache holds one), or train the run again") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path} is not a gptjax tokenizer ({type(e).__name__}: {str(e)[:120]}); restore it (the "
+                        "prepared cache holds one), or train the run again") from None

@@ -146,6 +146,7 @@ def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for resume, return the saved config."""
     out = config.train.out_dir
     rundir.check_out_dir(out)
+    checkpoint.check_root(out)
     if config.train.init_from == "resume":
         return _run_to_resume(out)
     rundir.claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
@@ -202,7 +203,8 @@ def setup(config: Config):
     prep = data.prepare(config.data)
     vocab = config.model.vocab_size or prep.meta["vocab_size"]
     if vocab < prep.meta["vocab_size"]:
-        raise UserError(f"--vocab_size={vocab} is smaller than the tokenizer's {prep.meta['vocab_size']}")
+        raise UserError(f"vocab_size={vocab} (--vocab_size, or a resumed run's own) is smaller than the tokenizer's "
+                        f"{prep.meta['vocab_size']}: pass a larger --vocab_size, or 0 to take the tokenizer's")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
@@ -266,14 +268,14 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     lead = parallel.is_lead()
     out = config.train.out_dir
     made_dir = not os.path.exists(out)
+    begun = []  # set once the new run writes its files: until then an old run that --force replaces is untouched
     with rundir.run_lock(out) if lead else contextlib.nullcontext():
         try:
-            if saved is None and force and lead:
-                rundir.remove_run_files(out)
-            return _train(config, saved, t0, progress and lead)
+            return _train(config, saved, t0, progress and lead, replace=saved is None and force, begun=begun)
         except BaseException as e:
             if lead and saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
-                rundir.remove_run_files(out)
+                if begun:
+                    rundir.remove_run_files(out)
                 if made_dir:
                     shutil.rmtree(out, ignore_errors=True)
             expected = _expected_failure(e, out)
@@ -282,12 +284,16 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
             raise
 
 
-def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> dict:
+def _train(config: Config, saved: Config | None, t0: float, progress: bool, replace: bool = False,
+           begun: list | None = None) -> dict:
+    """train()'s work. replace: remove the old run's files in out_dir, once every check has passed and just before
+    the new run writes its own; `begun` gets an entry at that moment."""
     from tqdm import tqdm
 
     if saved is not None:  # resume: the run's own model and data (or --input's copy of it); this invocation's training
         data_config = dataclasses.replace(saved.data, input=config.data.input) if config.data.input else saved.data
         config = dataclasses.replace(saved, data=data_config, train=config.train)
+        rundir.check_corpus(config.train.out_dir, data.prepare(config.data))
     config, prep, graphdef, params, tx = setup(config)
     if saved is not None:
         rundir.check_tokenizer(config.train.out_dir, prep)
@@ -307,10 +313,16 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool) -> d
             print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
     start = int(state.step)
     if lead:
-        rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
+        rundir.check_replaceable(out)
+        if replace:
+            rundir.remove_run_files(out)
+        if begun is not None:
+            begun.append(True)
         rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
+        rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
         rundir.atomic_write(os.path.join(out, "tokenizer.json"),
                             open(os.path.join(prep.dir, "tokenizer.json")).read())
+        rundir.write_json(os.path.join(out, "data.json"), prep.meta)
 
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
     train_step = make_train_step(graphdef, tx, t, mesh, t.step_impl, state)
@@ -436,6 +448,8 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     config, graphdef, params = rundir.load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
+    if not input_path:
+        rundir.check_corpus(out_dir, prep)
     rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
     batch_size = batch_size or config.train.batch_size

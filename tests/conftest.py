@@ -1,6 +1,8 @@
 """Shared fixtures: the data directory (GPTJAX_TEST_DATA), a per-session token cache, tiny configs."""
 
+import hashlib
 import os
+import re
 import sys
 
 import pytest
@@ -81,10 +83,51 @@ def cli_run(*args):
     return subprocess.CompletedProcess(["gptjax", *args], code, out.getvalue(), err.getvalue())
 
 
-def run_cli(*args, env=None, cwd=None):
+def run_cli(*args, env=None, cwd=None, timeout=600):
     """gptjax in a subprocess, as a user runs it."""
     import subprocess
 
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=timeout)
+
+
+BAR = re.compile(r"\|.*\d+/\d+ \[")  # a tqdm progress line
+
+
+def error_line(err: str) -> str:
+    """The one line a failed command printed: stderr, progress bars aside, must be exactly one `gptjax: error: ...`
+    line with no traceback."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not BAR.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("gptjax: error: ") and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def user_error(capsys, *argv) -> str:
+    """Run the CLI in this process: it must exit 2 with one error line (error_line), which is returned."""
+    from gptjax import cli
+
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-3000:])
+    return error_line(err)
+
+
+def digest(root) -> dict[str, str]:
+    """Every directory, file and link under root (the run lock aside) with its sha256 or link target: equal before
+    and after a command means it changed nothing there."""
+    out = {}
+    for base, dirs, names in os.walk(root):
+        for name in dirs + names:
+            p = os.path.join(base, name)
+            rel = os.path.relpath(p, root)
+            if name == ".gptjax.lock":
+                continue
+            if os.path.islink(p):
+                out[rel] = "link -> " + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = "directory"
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out

@@ -2,7 +2,7 @@ import json
 import os
 
 import pytest
-from conftest import cli_run, run_cli
+from conftest import cli_run, run_cli, user_error
 
 from gptjax import cli
 
@@ -66,59 +66,51 @@ def test_prepare_and_bench(shakespeare):
     assert "ms/step" in r.stdout and "tokens/s" in r.stdout
 
 
-def _user_error(capsys, *args):
-    code = cli.main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("gptjax: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_unknown_key_names_the_closest(capsys, shakespeare):
-    assert "--learning_rate" in _user_error(capsys, "train", "--config=tiny", "--learning_rat=3")
-    assert "--n_layer" in _user_error(capsys, "train", "--config=tiny", "--nlayer=3")
+    assert "--learning_rate" in user_error(capsys, "train", "--config=tiny", "--learning_rat=3")
+    assert "--n_layer" in user_error(capsys, "train", "--config=tiny", "--nlayer=3")
 
 
 def test_bad_values(capsys, shakespeare):
-    assert "int" in _user_error(capsys, "train", "--config=tiny", "--n_layer=two")
-    assert "float" in _user_error(capsys, "train", "--config=tiny", "--dropout=yes")
-    assert "bool" in _user_error(capsys, "train", "--config=tiny", "--bias=maybe")
-    assert "divisible" in _user_error(capsys, "train", "--config=tiny", "--n_embd=33", f"--input={shakespeare}")
-    assert "unknown config" in _user_error(capsys, "train", "--config=tinyy")
-    assert "not found" in _user_error(capsys, "train", "--config=nope.py")
-    assert "unknown command" in _user_error(capsys, "trian")
-    assert "temperature" in _user_error(capsys, "sample", "--out_dir=x", "--temperature=0")
+    assert "int" in user_error(capsys, "train", "--config=tiny", "--n_layer=two")
+    assert "float" in user_error(capsys, "train", "--config=tiny", "--dropout=yes")
+    assert "bool" in user_error(capsys, "train", "--config=tiny", "--bias=maybe")
+    assert "divisible" in user_error(capsys, "train", "--config=tiny", "--n_embd=33", f"--input={shakespeare}")
+    assert "unknown config" in user_error(capsys, "train", "--config=tinyy")
+    assert "not found" in user_error(capsys, "train", "--config=nope.py")
+    assert "unknown command" in user_error(capsys, "trian")
+    assert "temperature" in user_error(capsys, "sample", "--out_dir=x", "--temperature=0")
 
 
 def test_missing_and_bad_data(capsys, tmp_path):
-    assert "no such file" in _user_error(capsys, "train", "--config=tiny", f"--input={tmp_path}/none.txt")
+    assert "no such file" in user_error(capsys, "train", "--config=tiny", f"--input={tmp_path}/none.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "empty" in _user_error(capsys, "train", "--config=tiny", f"--input={empty}")
+    assert "empty" in user_error(capsys, "train", "--config=tiny", f"--input={empty}")
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij" * 3)
-    assert "block_size" in _user_error(capsys, "train", "--config=tiny", f"--input={short}",
+    assert "block_size" in user_error(capsys, "train", "--config=tiny", f"--input={short}",
                                        f"--out_dir={tmp_path}/o")
 
 
 def test_existing_run_is_not_overwritten(capsys, tiny_run):
     out, _ = tiny_run
     before = open(os.path.join(out, "metrics.jsonl")).read()
-    err = _user_error(capsys, "train", "--config=tiny", f"--out_dir={out}")
+    err = user_error(capsys, "train", "--config=tiny", f"--out_dir={out}")
     assert "--init_from=resume" in err and "--force" in err
     assert open(os.path.join(out, "metrics.jsonl")).read() == before
 
 
 def test_runs_that_do_not_exist(capsys, tmp_path):
-    assert "no run" in _user_error(capsys, "sample", f"--out_dir={tmp_path}/none")
-    assert "no run" in _user_error(capsys, "eval", f"--out_dir={tmp_path}/none")
-    assert "resume" in _user_error(capsys, "train", "--config=tiny", "--init_from=resume", f"--out_dir={tmp_path}/n")
+    assert "no run" in user_error(capsys, "sample", f"--out_dir={tmp_path}/none")
+    assert "no run" in user_error(capsys, "eval", f"--out_dir={tmp_path}/none")
+    assert "resume" in user_error(capsys, "train", "--config=tiny", "--init_from=resume", f"--out_dir={tmp_path}/n")
 
 
 def test_unknown_start_character(capsys, tiny_run):
     out, _ = tiny_run
-    assert "'é'" in _user_error(capsys, "sample", f"--out_dir={out}", "--start=café")
-    assert "takes no --top_q; did you mean --top_p or --top_k?" in _user_error(capsys, "sample", f"--out_dir={out}",
+    assert "'é'" in user_error(capsys, "sample", f"--out_dir={out}", "--start=café")
+    assert "takes no --top_q; did you mean --top_p or --top_k?" in user_error(capsys, "sample", f"--out_dir={out}",
                                                                                "--top_q=0.9")
 
 
@@ -185,7 +177,7 @@ def test_every_numeric_setting_is_range_checked(capsys, tmp_path, shakespeare, a
     out = tmp_path / "run"
     extra = ["--config=tiny", f"--input={shakespeare}"] if command in ("train", "prepare", "bench") else []
     data_dir = tmp_path / "data"
-    err = _user_error(capsys, command, *extra, *rest, f"--out_dir={out}",
+    err = user_error(capsys, command, *extra, *rest, f"--out_dir={out}",
                       *([f"--data_dir={data_dir}"] if command in ("train", "prepare") else []))
     assert needle in err and "out of range" in err, err
     assert not out.exists() and not data_dir.exists()
@@ -204,9 +196,9 @@ def test_resume_keeps_the_runs_own_settings(capsys, tmp_path, shakespeare):
     _train(shakespeare, out, "--max_iters=10", "--learning_rate=0.02", "--eval_interval=5")
     cfg = json.loads((out / "config.json").read_text())
     before = (out / "metrics.jsonl").read_text()
-    assert "--n_layer=8 contradicts" in _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
+    assert "--n_layer=8 contradicts" in user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
                                                     "--n_layer=8")
-    assert "--max_iters=5 is below" in _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
+    assert "--max_iters=5 is below" in user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}",
                                                    "--max_iters=5", f"--input={shakespeare}")
     assert (out / "metrics.jsonl").read_text() == before and json.loads((out / "config.json").read_text()) == cfg
     r = cli_run("train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}", "--max_iters=15")

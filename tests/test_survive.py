@@ -3,7 +3,6 @@ and run directories that cannot be written."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,40 +10,19 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import cli_run, run_cli
+from conftest import cli_run, digest, run_cli, user_error
 from crashing import crash_and_resume, metrics
 
 from gptjax import checkpoint, cli, rundir, train
-
-BAR = re.compile(r"\|.*\d+/\d+ \[")  # a tqdm progress line
+from gptjax.errors import UserError
 
 
 def _tiny(shakespeare, *args):
     return ["--config=tiny", f"--input={shakespeare}", *args]
 
 
-def _user_error(capsys, *argv) -> str:
-    """Run the CLI in-process; it must exit 2 with one line on stderr (after train's progress bar, if any)."""
-    assert cli.main(list(argv)) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not BAR.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("gptjax: error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 def _latest_params(out):
     return jax.tree.leaves(rundir.load_state(str(out), "latest")[2])
-
-
-def _snapshot(out) -> dict:
-    """Every file under out with its bytes (but the lock's holder): to show that nothing was changed."""
-    found = {}
-    for base, _, names in os.walk(out):
-        for name in set(names) - {rundir.LOCK_FILE}:
-            p = os.path.join(base, name)
-            with open(p, "rb") as f:
-                found[os.path.relpath(p, out)] = f.read()
-    return found
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, shakespeare):
@@ -115,18 +93,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
     out = tmp_path / "run"
     r = cli_run("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
-    before = _snapshot(out / "checkpoints")
+    before = digest(out / "checkpoints")
     rows = (out / "metrics.jsonl").read_text().splitlines()
-    err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}",
+    err = user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", f"--input={shakespeare}",
                       "--max_iters=30", "--learning_rate=1e30", "--grad_clip=0")
     assert "step 11: the gradient norm (nan) is not finite, so training stopped; the last good checkpoint, " \
            f"{checkpoint.resolve(str(out), 'latest')}, is kept" in err, err
-    assert _snapshot(out / "checkpoints") == before
+    assert digest(out / "checkpoints") == before
     now = (out / "metrics.jsonl").read_text().splitlines()  # step 10's row is the resumed run's own eval
     assert now[:2] == rows[:2] and [json.loads(r)["step"] for r in now] == [0, 5, 10]
     # A fresh run that diverges before its first checkpoint leaves nothing behind.
     fresh = tmp_path / "fresh"
-    err = _user_error(capsys, "train", *_tiny(shakespeare, "--learning_rate=1e30", "--grad_clip=0"),
+    err = user_error(capsys, "train", *_tiny(shakespeare, "--learning_rate=1e30", "--grad_clip=0"),
                       f"--out_dir={fresh}")
     assert "no checkpoint was saved" in err and not fresh.exists()
 
@@ -135,13 +113,13 @@ def test_a_second_process_on_the_same_run_is_refused(capsys, tmp_path, shakespea
     out = tmp_path / "run"
     r = run_cli("train", *_tiny(shakespeare, "--max_iters=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
-    before = _snapshot(out)
+    before = digest(out)
     with rundir.run_lock(str(out), "train"):
-        err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
+        err = user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
         assert f"{out} is in use by gptjax train (pid {os.getpid()})" in err, err
-        err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", "--force")
+        err = user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", "--force")
         assert "is in use by" in err
-    assert _snapshot(out) == before  # --force removed nothing while the run was held
+    assert digest(out) == before  # --force removed nothing while the run was held
     r = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=10")  # released: it goes on
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -155,7 +133,7 @@ def test_out_dir_that_cannot_hold_a_run(capsys, tmp_path, shakespeare, bad, need
     (tmp_path / "FILE").write_text("keep me")
     out = bad.replace("FILE", str(tmp_path / "FILE"))
     for resume in ([], ["--init_from=resume"]):
-        err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}",
+        err = user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}",
                           *resume)
         assert needle in err or (resume and "holds no run" in err and needle == "cannot write there"), err
     assert (tmp_path / "FILE").read_text() == "keep me"
@@ -187,21 +165,30 @@ def test_damaged_checkpoint_is_named_in_one_line(capsys, tmp_path, shakespeare):
         f.truncate(os.path.getsize(files[-1]) // 2)
     for argv in (("sample", f"--out_dir={out}", "--max_new_tokens=5"), ("eval", f"--out_dir={out}"),
                  ("export", f"--out_dir={out}", str(tmp_path / "ckpt.pt"))):
-        err = _user_error(capsys, *argv)
+        err = user_error(capsys, *argv)
         assert f"checkpoint {best} is damaged" in err and "--checkpoint=best|latest|STEP" in err, err
     assert not (tmp_path / "ckpt.pt").exists()
     assert cli.main(["sample", f"--out_dir={out}", "--max_new_tokens=5", "--checkpoint=latest"]) == 0
     assert cli.main(["eval", f"--out_dir={out}", "--checkpoint=10"]) == 0
     capsys.readouterr()
-    err = _user_error(capsys, "eval", f"--out_dir={out}", "--checkpoint=15")
+    err = user_error(capsys, "eval", f"--out_dir={out}", "--checkpoint=15")
     assert "has no '15' checkpoint (steps 10, 20; best at step 20)" in err, err
 
 
-def test_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+def test_resume_drops_the_metrics_rows_from_the_restored_step_on(tmp_path):
+    """Whole rows at and after the restored step go (they are written again), and so does a row cut short by a
+    kill; a line that is not a metrics row anywhere else is one line and the file stays as it was."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n{"step": 10, "val')
+    rows = [json.dumps({"step": s, "train_loss": 4.0 - s / 10, "val_loss": 4.1 - s / 10}) + "\n" for s in (0, 5, 10)]
+    path.write_text("".join(rows) + '{"step": 15, "val')
     rundir.keep_metrics_before(str(path), 10)
-    assert path.read_text() == '{"step": 0, "val_loss": 4.1}\n{"step": 5, "val_loss": 3.9}\n'
+    assert path.read_text() == "".join(rows[:2])
+    rundir.keep_metrics_before(str(path), 5)
+    assert path.read_text() == rows[0]
+    path.write_text(rows[0] + "[1, 2]\n" + rows[1])
+    with pytest.raises(UserError, match="line 2 is not a metrics row"):
+        rundir.keep_metrics_before(str(path), 5)
+    assert path.read_text() == rows[0] + "[1, 2]\n" + rows[1]
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -215,7 +202,7 @@ def test_a_bad_config_file_is_one_line(capsys, tmp_path, shakespeare, body, need
     path = tmp_path / "my_config.py"
     path.write_text(body)
     for command in ("prepare", "train", "bench"):
-        err = _user_error(capsys, command, f"--config={path}", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}")
+        err = user_error(capsys, command, f"--config={path}", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}")
         assert needle in err and (str(path) in err or "--" in needle), err
     assert not (tmp_path / "r").exists()
 
@@ -229,7 +216,7 @@ def test_a_bad_config_file_is_one_line(capsys, tmp_path, shakespeare, body, need
 def test_a_model_or_batch_too_large_for_memory_is_refused_before_allocating(capsys, tmp_path, shakespeare, option,
                                                                             needle):
     out = tmp_path / "run"
-    err = _user_error(capsys, "train", *_tiny(shakespeare, option), f"--out_dir={out}")
+    err = user_error(capsys, "train", *_tiny(shakespeare, option), f"--out_dir={out}")
     assert err.startswith("gptjax: error: out of memory") and needle in err and "lower --" in err, err
     assert not out.exists()
 
@@ -242,7 +229,7 @@ def test_a_failed_device_allocation_is_one_line(capsys, tmp_path, shakespeare, m
 
     monkeypatch.setattr(train, "make_train_step", lambda *a, **k: exhausted)
     out = tmp_path / "run"
-    err = _user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}")
+    err = user_error(capsys, "train", *_tiny(shakespeare), f"--out_dir={out}")
     assert err.startswith("gptjax: error: out of memory: lower --batch_size"), err
     assert not out.exists()
 
@@ -267,12 +254,12 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(caps
     out = tmp_path / "run"
     r = cli_run("train", *_tiny(shakespeare, "--max_iters=10", "--eval_interval=5"), f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
-    before = _snapshot(out / "checkpoints")
+    before = digest(out / "checkpoints")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoints" / ".tmp_step_00000015"))
 
     monkeypatch.setattr(checkpoint, "save", full)
-    err = _user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=20")
+    err = user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--max_iters=20")
     assert f"cannot write the run in {out}: No space left on device" in err and "--init_from=resume" in err, err
-    assert _snapshot(out / "checkpoints") == before
+    assert digest(out / "checkpoints") == before
