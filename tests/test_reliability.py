@@ -74,16 +74,15 @@ def _damage(out, what):
         os.symlink(out.parent / "not-mounted", out / "checkpoints")
 
 
-DAMAGE = {  # what is damaged -> what the line names, per command (None: the command needs no such file and works)
-    "config_list": {c: "config.json is not a readable gptjax run config" for c in ("sample", "eval", "export", "resume")},
-    "config_type": {c: "model.n_layer is 'abc', not an int" for c in ("sample", "eval", "export", "resume")},
-    "config_shape": {c: "holds another model than the run's config.json describes" for c in
-                     ("sample", "eval", "export", "resume")},
+ALL = ("sample", "eval", "export", "resume")
+DAMAGE = {  # what is damaged -> the commands that read it, and what their one line names
+    "config_list": dict.fromkeys(ALL, "config.json is not a readable gptjax run config"),
+    "config_type": dict.fromkeys(ALL, "model.n_layer is 'abc', not an int"),
+    "config_shape": dict.fromkeys(ALL, "holds another model than the run's config.json describes"),
     "metrics_row": {"resume": "metrics.jsonl line 4 is not a metrics row"},
-    "tokenizer_missing": {"sample": "tokenizer.json is missing", "export": "tokenizer.json is missing"},
-    "tokenizer_corrupt": {c: "tokenizer.json is not a gptjax tokenizer" for c in ("sample", "eval", "export", "resume")},
-    "checkpoints_dangling": {c: "which does not exist (a disk not mounted?)" for c in
-                             ("sample", "eval", "export", "resume")},
+    "tokenizer_missing": dict.fromkeys(("sample", "export"), "tokenizer.json is missing"),  # eval, resume: prep's
+    "tokenizer_corrupt": dict.fromkeys(ALL, "tokenizer.json is not a gptjax tokenizer"),
+    "checkpoints_dangling": dict.fromkeys(ALL, "which does not exist (a disk not mounted?)"),
 }
 
 
