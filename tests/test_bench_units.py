@@ -1,10 +1,16 @@
 """The benchmark harness without running a mode: the timing loop on a fake clock, the loss comparison on stubbed mode
-results."""
+results, and what `gptjax bench` refuses before any mode runs (one line, exit 2)."""
+
+import os
 
 import pytest
 
-from gptjax.bench import runner, worker
+from gptjax import cli
+from gptjax.bench import preflight, runner, worker
 from gptjax.config import load_config
+from gptjax.errors import UserError
+
+BIG = 2**31 - 1  # in range for every count option
 
 
 class Clock:
@@ -55,9 +61,10 @@ def _result(mode: str, losses: list[float]) -> dict:
 def stub_modes(monkeypatch):
     """runner.run with every mode's process replaced by a canned result (losses per mode) and no weights or batches
     made; returns the log of the calls it saw."""
-    log = {"losses": {}, "ran": []}
+    log = {"losses": {}, "prepared": [], "ran": []}
 
-    def prepare(config, o, modes, tmp):
+    def prepare(config, o, modes, tmp, n):
+        log["prepared"].append(n)
         return config, {}, 1000
 
     def run_mode(mode, spec, tmp):
@@ -87,3 +94,59 @@ def test_every_mode_is_compared_with_jax_jits_losses(stub_modes, capsys):
     assert by_mode["torch_eager"]["loss_diff"] == pytest.approx(1e-2)
     assert by_mode["jax_jit_dp"]["loss_diff"] == 0.0
     assert "!!! torch_eager: loss differs from jax_jit's" in capsys.readouterr().out
+
+
+def test_batches_cover_the_mode_that_makes_the_most_calls(stub_modes):
+    # jax_eager with more calls per repeat than the others (--eager_steps > --steps) has a batch for each of them
+    runner.run(load_config("tiny"), runner.Options(modes=("jax_jit", "jax_eager"), steps=2, eager_steps=5, warmup=1,
+                                                    repeats=2), command="test")
+    assert stub_modes["prepared"] == [worker.n_calls(5, 1, 2)]
+    # without jax_eager its steps make no calls
+    assert preflight.calls_per_mode(runner.Options(modes=("jax_jit",), steps=2, eager_steps=5, warmup=1,
+                                                   repeats=2)) == worker.n_calls(2, 1, 2)
+
+
+@pytest.fixture
+def no_mode_runs(monkeypatch):
+    def prepare(*args):
+        raise AssertionError("bench went on to run the modes instead of refusing")
+
+    monkeypatch.setattr(runner, "_prepare_point", prepare)
+
+
+def _refused(capsys, *args) -> str:
+    code = cli.main(["bench", "--config=tiny", *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("gptjax: error: ") and err.count("\n") == 1, err
+    assert out == "", out  # refused before the run's header, before any mode
+    return err
+
+
+@pytest.mark.parametrize("args, key", [
+    ((f"--steps={BIG}",), "steps"),
+    ((f"--repeats={BIG}",), "repeats"),
+    ((f"--warmup={BIG}",), "warmup"),
+    ((f"--rounds={BIG}",), "rounds"),
+    (("--modes=jax_jit,jax_eager", f"--eager_steps={BIG}"), "eager_steps"),
+    ((f"--steps={BIG}", "--repeats=1000"), "steps"),
+])
+def test_counts_that_cannot_fit_in_memory_are_refused(capsys, tmp_path, no_mode_runs, args, key):
+    err = _refused(capsys, *args, f"--out={tmp_path / 'out'}")
+    assert err.startswith("gptjax: error: out of memory: ") and err.rstrip().endswith(f"is available: lower --{key}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_memory_check_counts_the_batches_and_results(monkeypatch):
+    config = load_config("tiny")  # batch 8 x (16 + 1) tokens
+    o = runner.Options(modes=("jax_jit", "jax_eager"), steps=10, eager_steps=3, warmup=0, repeats=1, rounds=3)
+    n = 11
+    assert preflight.memory_needed(config, o) == n * (8 * 17 * 16 + 256) + 3 * 2 * n * 32
+    monkeypatch.setattr(preflight, "host_available_bytes", lambda: preflight.memory_needed(config, o))
+    preflight.check_memory(config, o)  # fits exactly
+    preflight.check_memory(config, runner.Options(modes=("jax_jit",), steps=10, eager_steps=BIG, warmup=0, repeats=1,
+                                                  rounds=3))  # no jax_eager: its steps make no calls
+    with pytest.raises(UserError, match=r"--steps=12 makes 13 calls per mode .* MiB is available: lower --steps$"):
+        preflight.check_memory(config, runner.Options(modes=o.modes, steps=12, warmup=0, repeats=1, rounds=1))
+    monkeypatch.setattr(preflight, "host_available_bytes", lambda: None)  # unknown: nothing is refused
+    preflight.check_memory(config, runner.Options(steps=BIG, repeats=BIG))

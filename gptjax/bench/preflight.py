@@ -1,0 +1,69 @@
+"""What `gptjax bench` refuses before any mode runs: calls whose batches and results cannot fit in host memory."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from gptjax.bench.worker import n_calls
+from gptjax.config import Config
+from gptjax.errors import UserError
+
+if TYPE_CHECKING:
+    from gptjax.bench.runner import Options
+
+# Host bytes each call needs, counted as a floor so that only what cannot fit is refused: per batch token, as
+# train.check_memory counts a batch (sampled indices, gathered tokens, the int32 copies), and per call a loss handle
+# and its list entries in the mode's process (JAX's two batch buffers per call take ~10 KiB more on a CPU).
+BATCH_TOKEN_BYTES = 16
+CALL_BYTES = 256
+ROUND_CALL_BYTES = 32  # the runner keeps every round's losses (a float and its list slot per call) until the last
+COUNTS = ("steps", "eager_steps", "warmup", "repeats", "rounds")  # the options that multiply what is kept
+
+
+def calls_per_mode(o: Options) -> int:
+    """Calls, each on a batch of its own, of the mode that makes the most: jax_eager makes --eager_steps a repeat."""
+    steps = max(o.steps, o.eager_steps if "jax_eager" in o.modes else 0)
+    return n_calls(steps, o.warmup, o.repeats)
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, as train's memory check reads it (without starting a JAX backend here)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_needed(config: Config, o: Options) -> int:
+    """Host bytes the batches and per-call results of one point need: a mode's process holds every call's batch and
+    loss; the runner holds each round's losses of every mode."""
+    t, c = config.train, config.model
+    n = calls_per_mode(o)
+    tokens = t.gradient_accumulation_steps * t.batch_size * (c.block_size + 1)
+    kept = o.rounds * len(o.modes) * len(o.samplers) * n * ROUND_CALL_BYTES
+    return n * (tokens * BATCH_TOKEN_BYTES + CALL_BYTES) + kept
+
+
+def check_memory(config: Config, o: Options) -> None:
+    """Refuse --steps, --eager_steps, --warmup, --repeats or --rounds so large that memory_needed exceeds the host's
+    available memory, naming the option whose lowering to its default helps most."""
+    host, need = host_available_bytes(), memory_needed(config, o)
+    if host is None or need <= host:
+        return
+    default = type(o)()
+    key = min(COUNTS, key=lambda k: memory_needed(config, dataclasses.replace(
+        o, **{k: min(getattr(o, k), getattr(default, k))})))
+    t, c = config.train, config.model
+    rows = t.gradient_accumulation_steps * t.batch_size
+    steps = "eager_steps" if "jax_eager" in o.modes and o.eager_steps > o.steps else "steps"
+    raise UserError(
+        f"out of memory: --{key}={getattr(o, key)} makes {calls_per_mode(o):,} calls per mode (1 + --warmup + "
+        f"--repeats x --{steps}) over {o.rounds:,} round(s), each on a batch of {rows:,} x {c.block_size + 1} tokens; "
+        f"their batches and results need {_size(need)} of host memory and {_size(host)} is available: lower --{key}")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 / 10 else f"{n_bytes / 2**20:,.1f} MiB"
+
