@@ -150,3 +150,19 @@ def test_memory_check_counts_the_batches_and_results(monkeypatch):
         preflight.check_memory(config, runner.Options(modes=o.modes, steps=12, warmup=0, repeats=1, rounds=1))
     monkeypatch.setattr(preflight, "host_available_bytes", lambda: None)  # unknown: nothing is refused
     preflight.check_memory(config, runner.Options(steps=BIG, repeats=BIG))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--modes=jax_jit", "--mesh=dp:3"), "--mesh=dp:3 applies to the jax_jit_dp mode only: add it to --modes"),
+    (("--modes=jax_jit,jax_eager", "--step_impl=pmap"), "--step_impl=pmap applies to the jax_jit_dp mode only"),
+    (("--modes=jax_jit_dp", "--workload=forward", "--mesh=dp:1"), "--mesh=dp:1 applies to --workload=train only"),
+])
+def test_mesh_without_the_mode_it_lays_out_is_refused(capsys, no_mode_runs, args, needle):
+    assert needle in _refused(capsys, *args)
+
+
+@pytest.mark.parametrize("args", [("--modes=jax_jit,jax_jit_dp", "--mesh=dp:1", "--step_impl=shard_map"),
+                                  ("--modes=jax_jit", "--mesh=", "--step_impl=sharded")])  # the defaults: no change
+def test_mesh_with_the_mode_it_lays_out_runs(stub_modes, capsys, args):
+    assert cli.main(["bench", "--config=tiny", *args]) == 0, capsys.readouterr().err
+    assert stub_modes["ran"] == args[0].removeprefix("--modes=").split(",")

@@ -1,4 +1,5 @@
-"""What `gptjax bench` refuses before any mode runs: calls whose batches and results cannot fit in host memory."""
+"""What `gptjax bench` refuses before any mode runs: options that would be ignored and calls whose batches and
+results cannot fit in host memory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from gptjax.bench.worker import n_calls
-from gptjax.config import Config
+from gptjax.config import Config, TrainConfig
 from gptjax.errors import UserError
 
 if TYPE_CHECKING:
@@ -67,3 +68,16 @@ def check_memory(config: Config, o: Options) -> None:
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 / 10 else f"{n_bytes / 2**20:,.1f} MiB"
 
+
+def check_mesh(config: Config, o: Options) -> None:
+    """--mesh and --step_impl lay out jax_jit_dp's train step: refuse them where no such step runs, not ignore them."""
+    t, default = config.train, TrainConfig()
+    for key in ("mesh", "step_impl"):
+        value = getattr(t, key)
+        if value == getattr(default, key):
+            continue
+        if "jax_jit_dp" not in o.modes:
+            raise UserError(f"--{key}={value} applies to the jax_jit_dp mode only: add it to --modes")
+        if o.workload != "train":
+            raise UserError(f"--{key}={value} applies to --workload=train only (forward and generate split the "
+                            "batch over every device)")
