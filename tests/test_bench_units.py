@@ -1,6 +1,8 @@
 """The benchmark harness without running a mode: the timing loop on a fake clock, the loss comparison on stubbed mode
-results, and what `gptjax bench` refuses before any mode runs (one line, exit 2)."""
+results, and what `gptjax bench` refuses before any mode runs (one line, exit 2, nothing left behind)."""
 
+import errno
+import json
 import os
 
 import pytest
@@ -121,6 +123,79 @@ def _refused(capsys, *args) -> str:
     assert err.startswith("gptjax: error: ") and err.count("\n") == 1, err
     assert out == "", out  # refused before the run's header, before any mode
     return err
+
+
+def _listing(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("FILE", "--out=FILE is a file: name a directory"),
+    ("FILE/sub/deeper", "--out=FILE/sub/deeper: FILE is a file, so the directory cannot be made"),
+    ("/proc/gptjax-bench-out/x", "--out=/proc/gptjax-bench-out/x: cannot write there"),
+    ("DIR", "DIR/results.md is not a regular file"),  # a directory where bench would write its results
+])
+def test_out_that_cannot_be_written_is_refused_first(capsys, tmp_path, no_mode_runs, out, needle):
+    (tmp_path / "FILE").write_text("keep me")
+    (tmp_path / "DIR" / "results.md").mkdir(parents=True)
+    (tmp_path / "DIR" / "results.json").write_text("old results")
+    before = _listing(tmp_path)
+    err = _refused(capsys, f"--out={out.replace('FILE', str(tmp_path / 'FILE')).replace('DIR', str(tmp_path / 'DIR'))}")
+    assert needle.replace("FILE", str(tmp_path / "FILE")).replace("DIR", str(tmp_path / "DIR")) in err, err
+    assert "name" in err or "move it" in err  # the fix
+    assert _listing(tmp_path) == before and (tmp_path / "FILE").read_text() == "keep me"
+    assert (tmp_path / "DIR" / "results.json").read_text() == "old results"
+    assert not os.path.exists("/proc/gptjax-bench-out")
+
+
+def test_out_in_a_directory_that_refuses_writes_leaves_nothing_behind(capsys, tmp_path, no_mode_runs, monkeypatch):
+    # The directories --out needs are made for the probe and removed again when the directory refuses the probe
+    # (here a read-only file system, simulated: the tests may run as root, whom permissions do not stop).
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)
+    err = _refused(capsys, f"--out={tmp_path / 'new' / 'deeper'}")
+    assert f"--out={tmp_path / 'new' / 'deeper'}: cannot write there (Read-only file system)" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_in_a_read_only_directory_is_refused(capsys, tmp_path, no_mode_runs):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        try:
+            (locked / "probe").mkdir()
+            pytest.skip("permissions do not bind here (root with CAP_DAC_OVERRIDE)")
+        except PermissionError:
+            pass
+        for out in (locked, locked / "new"):
+            err = _refused(capsys, f"--out={out}")
+            assert f"--out={out}: cannot write there (Permission denied)" in err and os.listdir(locked) == [], err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_check_keeps_what_is_there_and_leaves_nothing(tmp_path):
+    (tmp_path / "results.json").write_text("old results")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p: os.stat(tmp_path / p).st_mtime_ns for p in os.listdir(tmp_path)}
+    preflight.check_out(str(tmp_path))
+    preflight.check_out(str(tmp_path / "a" / "b"))  # can be made: made for the probe, then removed
+    assert {p: os.stat(tmp_path / p).st_mtime_ns for p in os.listdir(tmp_path)} == before
+    assert (tmp_path / "results.json").read_text() == "old results"
+
+
+def test_out_that_holds_results_gets_new_ones_and_keeps_the_users_files(stub_modes, capsys, tmp_path):
+    (tmp_path / "results.json").write_text("old results")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text("{}")
+    assert cli.main(["bench", "--config=tiny", "--modes=jax_jit,torch_eager", f"--out={tmp_path}"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results.json", "results.md", "results.png", "runs"]
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "runs" / "a.json").read_text() == "{}"
+    with open(tmp_path / "results.json") as f:
+        assert [r["mode"] for r in json.load(f)["records"]] == ["jax_jit", "torch_eager"]
 
 
 @pytest.mark.parametrize("args, key", [

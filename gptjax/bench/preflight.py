@@ -1,11 +1,14 @@
-"""What `gptjax bench` refuses before any mode runs: options that would be ignored and calls whose batches and
-results cannot fit in host memory."""
+"""What `gptjax bench` refuses before any mode runs: options that would be ignored, calls whose batches and results
+cannot fit in host memory, and an --out that cannot be written (found now, not when the results are lost)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from typing import TYPE_CHECKING
 
+from gptjax.bench import report
 from gptjax.bench.worker import n_calls
 from gptjax.config import Config, TrainConfig
 from gptjax.errors import UserError
@@ -81,3 +84,44 @@ def check_mesh(config: Config, o: Options) -> None:
         if o.workload != "train":
             raise UserError(f"--{key}={value} applies to --workload=train only (forward and generate split the "
                             "batch over every device)")
+
+
+def check_out(out: str) -> None:
+    """--out must be a directory that is, or can be made, writable, with its results files writable: missing
+    directories are made, a probe file of a fresh name is created and removed in it, then every directory made for
+    the probe is removed again, so the check leaves nothing behind (report.write makes them at the end). Files
+    already there are not changed: results files are opened to append, nothing written."""
+    if not out:
+        return
+    path = d = os.path.abspath(out)
+    missing = []  # the directories to make, deepest first
+    while not os.path.isdir(d):
+        if os.path.lexists(d):  # a file (or a dangling link) where a directory must be
+            raise UserError(f"--out={out} is a file: name a directory for {', '.join(report.FILES)}" if d == path else
+                            f"--out={out}: {d} is a file, so the directory cannot be made; name another directory")
+        missing.append(d)
+        d = os.path.dirname(d)
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        for name in report.FILES:
+            p = os.path.join(path, name)
+            if os.path.lexists(p) and not os.path.isfile(p):
+                raise UserError(f"--out={out}: {p} is not a regular file, so the results cannot be written there; "
+                                "move it or name another directory")
+            if os.path.exists(p):
+                open(p, "a").close()
+        fd, probe = tempfile.mkstemp(prefix=".gptjax-bench-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out={out}: cannot write there ({e.strerror or e}): name a directory you can write to"
+                        ) from None
+    finally:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

@@ -260,14 +260,14 @@ def _point_text(point: dict) -> str:
 def run(config: Config, o: Options, command: str = "") -> list[dict]:
     """Every (point, mode, sampler): a record, printed as it finishes; the files in o.out when it is set.
 
-    Options that would be ignored and calls that cannot fit in memory are refused (UserError) before any mode runs."""
+    Options that would be ignored, calls that cannot fit in memory and an --out that cannot be written are refused
+    (UserError) before any mode runs."""
     command = command or "gptjax bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    if o.out and os.path.exists(o.out) and not os.path.isdir(o.out):
-        raise UserError(f"--out={o.out} is a file: name a directory for results.json, results.md and results.png")
     points = _points(config, o)
     preflight.check_mesh(config, o)
     for _, pconfig in points:
         preflight.check_memory(pconfig, o)
+    preflight.check_out(o.out)
     n = preflight.calls_per_mode(o)
     modes = sorted(o.modes, key=lambda m: m != "jax_jit")  # jax_jit first: the others' losses compare to it
     host = host_info()
@@ -310,4 +310,3 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
         paths = report.write(records, o.out, command)
         print(f"wrote {', '.join(paths)}")
     return records
-
