@@ -45,6 +45,7 @@ FIELDS = {
     "loss_flag": "true when loss_diff > 1e-3 (float32) or 5e-2 (bfloat16): fast but wrong",
     "error": "null, or why the mode failed",
 }
+FILES = ("results.json", "results.md", "results.png")  # what --out receives; nothing else there is touched
 LOSS_TOLERANCE = 1e-3  # float32: the frameworks agree to ~1e-6
 BF16_LOSS_TOLERANCE = 5e-2  # bfloat16: two frameworks round differently (8-bit mantissa), so losses drift apart
 
@@ -178,7 +179,7 @@ def chart(records: list[dict], path: str) -> None:
 
 def write(records: list[dict], out_dir: str, command: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f) for f in ("results.json", "results.md", "results.png")]
+    paths = [os.path.join(out_dir, f) for f in FILES]
     with open(paths[0], "w") as f:
         json.dump({"command": command, "fields": FIELDS, "records": records}, f, indent=1)
     with open(paths[1], "w") as f:

@@ -16,8 +16,8 @@ from importlib import util
 
 import numpy as np
 
-from gptjax.bench import flops, report
-from gptjax.bench.worker import USER_ERROR, n_calls
+from gptjax.bench import flops, preflight, report
+from gptjax.bench.worker import USER_ERROR
 from gptjax.config import Config, check_range, override, validate
 from gptjax.errors import UserError
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
@@ -33,6 +33,8 @@ SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
 class Options:
     modes: tuple[str, ...] = MODES
     workload: str = "train"
+    # Every call has a batch of its own and keeps its loss: steps, eager_steps, warmup, repeats and rounds so large
+    # that these cannot fit in the host's available memory are refused up front (preflight.check_memory).
     steps: int = 20  # timed calls per repeat
     eager_steps: int = 3  # timed calls per repeat for jax_eager, hundreds of times slower
     warmup: int = 2  # untimed calls after the first
@@ -147,8 +149,9 @@ def _env(mode: str, tmp: str) -> dict:
     return env
 
 
-def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config, dict, int]:
-    """Initial weights (saved for JAX and, converted, for PyTorch) and every call's batch, shared by all modes."""
+def _prepare_point(config: Config, o: Options, modes, tmp: str, n: int) -> tuple[Config, dict, int]:
+    """Initial weights (saved for JAX and, converted, for PyTorch) and the batches of n calls, shared by all modes
+    (each takes the first of them that it needs)."""
     import jax
 
     try:  # set up on the host, so that a GPU's memory stays free for the modes
@@ -165,7 +168,6 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str) -> tuple[Config,
     prepared, prep, graphdef, params, _ = setup(dataclasses.replace(config, train=host_train))
     config = dataclasses.replace(config, model=prepared.model)
     c, t = config.model, config.train
-    n = n_calls(o.steps, o.warmup, o.repeats)  # jax_eager takes the first of these (it makes fewer calls)
     x, y = data.get_batch(prep.tokens("train"), n * t.gradient_accumulation_steps * t.batch_size, c.block_size,
                           t.seed, 0)
     shape = (n, t.gradient_accumulation_steps, t.batch_size, c.block_size)
@@ -256,11 +258,17 @@ def _point_text(point: dict) -> str:
 
 
 def run(config: Config, o: Options, command: str = "") -> list[dict]:
-    """Every (point, mode, sampler): a record, printed as it finishes; the files in o.out when it is set."""
+    """Every (point, mode, sampler): a record, printed as it finishes; the files in o.out when it is set.
+
+    Options that would be ignored, calls that cannot fit in memory and an --out that cannot be written are refused
+    (UserError) before any mode runs."""
     command = command or "gptjax bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    if o.out and os.path.exists(o.out) and not os.path.isdir(o.out):
-        raise UserError(f"--out={o.out} is a file: name a directory for results.json, results.md and results.png")
     points = _points(config, o)
+    preflight.check_mesh(config, o)
+    for _, pconfig in points:
+        preflight.check_memory(pconfig, o)
+    preflight.check_out(o.out)
+    n = preflight.calls_per_mode(o)
     modes = sorted(o.modes, key=lambda m: m != "jax_jit")  # jax_jit first: the others' losses compare to it
     host = host_info()
     samplers = "" if o.samplers == (None,) else f" (samplers {', '.join(o.samplers)})"
@@ -271,7 +279,7 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
     records = []
     for point, pconfig in points:
         with tempfile.TemporaryDirectory(prefix="gptjax-bench-") as tmp:
-            pconfig, files, n_params = _prepare_point(pconfig, o, modes, tmp)
+            pconfig, files, n_params = _prepare_point(pconfig, o, modes, tmp, n)
             c = pconfig.model
             print(f"{_point_text(point)}model: {c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}, "
                   f"vocab {c.vocab_size}, {n_params:,} params; {flops.flops_per_token(c, n_params):,} train "
@@ -302,4 +310,3 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
         paths = report.write(records, o.out, command)
         print(f"wrote {', '.join(paths)}")
     return records
-

@@ -15,13 +15,14 @@ import time
 USER_ERROR = 2  # exit status of a worker that found a bad option; its result file is {"user_error": line}
 
 
-def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: bool = False):
+def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: bool = False, clock=time.perf_counter):
     """call(i) queues call i (on batch i) and returns its loss handle; sync() waits for everything queued.
 
     Returns (first call's seconds, seconds per call of each repeat, every call's handle). The first call
     (compilation, or an eager framework's first-touch work) is timed apart from the steady state. Train steps
     depend on each other; independent calls (forward, generate) are waited for one by one with sync_each, as an
     evaluation loop reads each result (and XLA:CPU's collectives can deadlock with many executions in flight).
+    clock() is the time in seconds (a test's fake clock).
     """
     outs = []
 
@@ -30,20 +31,20 @@ def time_calls(call, sync, steps: int, warmup: int, repeats: int, sync_each: boo
         if sync_each:
             sync()
 
-    tick = time.perf_counter()
+    tick = clock()
     one(0)
     sync()
-    first = time.perf_counter() - tick
+    first = clock() - tick
     for i in range(1, 1 + warmup):
         one(i)
     sync()
     runs = []
     for r in range(repeats):
-        tick = time.perf_counter()
+        tick = clock()
         for s in range(steps):
             one(1 + warmup + r * steps + s)
         sync()
-        runs.append((time.perf_counter() - tick) / steps)
+        runs.append((clock() - tick) / steps)
     return first, runs, outs
 
 

@@ -1,0 +1,127 @@
+"""What `gptjax bench` refuses before any mode runs: options that would be ignored, calls whose batches and results
+cannot fit in host memory, and an --out that cannot be written (found now, not when the results are lost)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import TYPE_CHECKING
+
+from gptjax.bench import report
+from gptjax.bench.worker import n_calls
+from gptjax.config import Config, TrainConfig
+from gptjax.errors import UserError
+
+if TYPE_CHECKING:
+    from gptjax.bench.runner import Options
+
+# Host bytes each call needs, counted as a floor so that only what cannot fit is refused: per batch token, as
+# train.check_memory counts a batch (sampled indices, gathered tokens, the int32 copies), and per call a loss handle
+# and its list entries in the mode's process (JAX's two batch buffers per call take ~10 KiB more on a CPU).
+BATCH_TOKEN_BYTES = 16
+CALL_BYTES = 256
+ROUND_CALL_BYTES = 32  # the runner keeps every round's losses (a float and its list slot per call) until the last
+COUNTS = ("steps", "eager_steps", "warmup", "repeats", "rounds")  # the options that multiply what is kept
+
+
+def calls_per_mode(o: Options) -> int:
+    """Calls, each on a batch of its own, of the mode that makes the most: jax_eager makes --eager_steps a repeat."""
+    steps = max(o.steps, o.eager_steps if "jax_eager" in o.modes else 0)
+    return n_calls(steps, o.warmup, o.repeats)
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, as train's memory check reads it (without starting a JAX backend here)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_needed(config: Config, o: Options) -> int:
+    """Host bytes the batches and per-call results of one point need: a mode's process holds every call's batch and
+    loss; the runner holds each round's losses of every mode."""
+    t, c = config.train, config.model
+    n = calls_per_mode(o)
+    tokens = t.gradient_accumulation_steps * t.batch_size * (c.block_size + 1)
+    kept = o.rounds * len(o.modes) * len(o.samplers) * n * ROUND_CALL_BYTES
+    return n * (tokens * BATCH_TOKEN_BYTES + CALL_BYTES) + kept
+
+
+def check_memory(config: Config, o: Options) -> None:
+    """Refuse --steps, --eager_steps, --warmup, --repeats or --rounds so large that memory_needed exceeds the host's
+    available memory, naming the option whose lowering to its default helps most."""
+    host, need = host_available_bytes(), memory_needed(config, o)
+    if host is None or need <= host:
+        return
+    default = type(o)()
+    key = min(COUNTS, key=lambda k: memory_needed(config, dataclasses.replace(
+        o, **{k: min(getattr(o, k), getattr(default, k))})))
+    t, c = config.train, config.model
+    rows = t.gradient_accumulation_steps * t.batch_size
+    steps = "eager_steps" if "jax_eager" in o.modes and o.eager_steps > o.steps else "steps"
+    raise UserError(
+        f"out of memory: --{key}={getattr(o, key)} makes {calls_per_mode(o):,} calls per mode (1 + --warmup + "
+        f"--repeats x --{steps}) over {o.rounds:,} round(s), each on a batch of {rows:,} x {c.block_size + 1} tokens; "
+        f"their batches and results need {_size(need)} of host memory and {_size(host)} is available: lower --{key}")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 / 10 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def check_mesh(config: Config, o: Options) -> None:
+    """--mesh and --step_impl lay out jax_jit_dp's train step: refuse them where no such step runs, not ignore them."""
+    t, default = config.train, TrainConfig()
+    for key in ("mesh", "step_impl"):
+        value = getattr(t, key)
+        if value == getattr(default, key):
+            continue
+        if "jax_jit_dp" not in o.modes:
+            raise UserError(f"--{key}={value} applies to the jax_jit_dp mode only: add it to --modes")
+        if o.workload != "train":
+            raise UserError(f"--{key}={value} applies to --workload=train only (forward and generate split the "
+                            "batch over every device)")
+
+
+def check_out(out: str) -> None:
+    """--out must be a directory that is, or can be made, writable, with its results files writable: missing
+    directories are made, a probe file of a fresh name is created and removed in it, then every directory made for
+    the probe is removed again, so the check leaves nothing behind (report.write makes them at the end). Files
+    already there are not changed: results files are opened to append, nothing written."""
+    if not out:
+        return
+    path = d = os.path.abspath(out)
+    missing = []  # the directories to make, deepest first
+    while not os.path.isdir(d):
+        if os.path.lexists(d):  # a file (or a dangling link) where a directory must be
+            raise UserError(f"--out={out} is a file: name a directory for {', '.join(report.FILES)}" if d == path else
+                            f"--out={out}: {d} is a file, so the directory cannot be made; name another directory")
+        missing.append(d)
+        d = os.path.dirname(d)
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        for name in report.FILES:
+            p = os.path.join(path, name)
+            if os.path.lexists(p) and not os.path.isfile(p):
+                raise UserError(f"--out={out}: {p} is not a regular file, so the results cannot be written there; "
+                                "move it or name another directory")
+            if os.path.exists(p):
+                open(p, "a").close()
+        fd, probe = tempfile.mkstemp(prefix=".gptjax-bench-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out={out}: cannot write there ({e.strerror or e}): name a directory you can write to"
+                        ) from None
+    finally:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
