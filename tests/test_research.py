@@ -1,5 +1,6 @@
 """The research API: a model of the user's own trains, checkpoints, resumes, evaluates and samples through gptjax."""
 
+import itertools
 import json
 import os
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import user_error
 from flax import nnx
 
 from gptjax import checkpoint, cli, model, research, rundir, sample, train
@@ -83,6 +85,55 @@ def test_an_unknown_model_is_one_line_and_exit_2(name, says, tmp_path, shakespea
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and says in err, err
     assert not os.listdir(tmp_path)
+
+
+_MODULES = itertools.count()
+
+
+def _factory_module(tmp_path, monkeypatch, source: str) -> tuple[str, str]:
+    """(module name, file) of a new module holding `source`, importable under a name no other test has used."""
+    name = f"user_factory_{os.getpid()}_{next(_MODULES)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, str(tmp_path / f"{name}.py")
+
+
+RAISES = "def f(c, rngs):\n    return 1 / 0\n"
+SYNTAX = "def f(c, rngs)\n    return 3\n"
+
+
+@pytest.mark.parametrize("source, value, says", [
+    (None, "json:loads", "is not a model factory (config, rngs) -> nnx.Module: it takes (s, *"),
+    (None, "os:getcwd", "is not a model factory (config, rngs) -> nnx.Module: it takes ()"),
+    (None, ":f", "no module before ':'"),
+    (RAISES, "{mod}:f", "the factory raised ZeroDivisionError at {file} line 2: division by zero; fix it"),
+    ("def f(c, rngs):\n    return None\n", "{mod}:f", "the factory returned None, not an nnx.Module"),
+    ("def f(c, rngs):\n    return 3\n", "{mod}:f", "the factory returned 3 (int), not an nnx.Module"),
+    (SYNTAX, "{mod}:f", "{file} has a syntax error at line 1: expected ':'; fix it"),
+], ids=["json.loads", "os.getcwd", "no-module", "raises", "returns-None", "returns-int", "syntax-error"])
+def test_a_bad_model_factory_is_one_line_before_any_run_files(source, value, says, tmp_path, monkeypatch,
+                                                              shakespeare, capsys):
+    mod, file = _factory_module(tmp_path, monkeypatch, source) if source else ("", "")
+    value = value.format(mod=mod)
+    line = user_error(capsys, "train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}",
+                      f"--model={value}")
+    assert f"--model={value}" in line and says.format(file=file) in line, line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("source, says", [(RAISES, "the factory raised ZeroDivisionError at {file} line 2"),
+                                          (SYNTAX, "{file} has a syntax error at line 1")], ids=["raises", "syntax"])
+def test_sample_and_eval_of_a_run_whose_factory_now_fails_are_one_line(command, source, says, tiny_config, tmp_path,
+                                                                        monkeypatch, capsys):
+    mod, file = _factory_module(tmp_path, monkeypatch, "def f(c, rngs):\n    pass\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    config = override(tiny_config, {"model": f"{mod}:f", "vocab_size": 65, "out_dir": str(out)})
+    rundir.write_json(str(out / "config.json"), config.to_dict())  # all a run needs before its model is built
+    (tmp_path / f"{mod}.py").write_text(source)  # the factory's module, changed since the run was trained
+    line = user_error(capsys, command, f"--out_dir={out}")
+    assert f"--model={mod}:f" in line and says.format(file=file) in line, line
 
 
 def test_register_refuses_builtin_and_odd_names():
