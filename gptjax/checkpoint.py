@@ -101,12 +101,21 @@ def _commit_all(out_dir: str, r: str, step: int, tmp: str, final: str, keep: int
     if best:
         best_final = os.path.join(r, f"best_{step:08d}")
         best_tmp = os.path.join(r, f".tmp_best_{step:08d}")
-        shutil.copytree(final, best_tmp)  # a copy, not links: damage to one file leaves the other whole
+        _copy_tree(final, best_tmp)  # a copy, not links: damage to one file leaves the other whole
         _commit(best_tmp, best_final)
         for _, p in _committed(out_dir, "best")[:-1]:
             _remove(p)
     for _, p in _committed(out_dir, "step")[:-keep]:
         _remove(p)
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """shutil.copytree, but the first failure (a full disk, say) is raised as the OSError it is, not gathered into
+    a shutil.Error without an errno."""
+    for base, _, names in os.walk(src):
+        os.makedirs(os.path.join(dst, os.path.relpath(base, src)), exist_ok=True)
+        for name in names:
+            shutil.copyfile(os.path.join(base, name), os.path.join(dst, os.path.relpath(base, src), name))
 
 
 def _remove(p: str) -> None:

@@ -189,6 +189,34 @@ def _parse(key: str, raw, typ: type):
     return value
 
 
+PATH_KEYS = ("out_dir", "input", "data_dir")  # a leading ~ is the user's home, as a shell would expand it
+
+
+def home() -> str:
+    """$HOME, or the password database's home directory when it is unset or empty (rather than the root, /)."""
+    path = os.environ.get("HOME", "")
+    if path.strip():
+        return path
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return os.getcwd()
+
+
+def cache_home() -> str:
+    """~/.cache/gptjax: downloads, prepared token files and compiled programs, unless told otherwise."""
+    return os.path.join(home(), ".cache", "gptjax")
+
+
+def expand_path(path: str) -> str:
+    """~ and ~user expanded as a shell would (it does not after --key=)."""
+    if path == "~" or path.startswith("~/"):
+        return home() + path[1:]
+    return os.path.expanduser(path)
+
+
 def override(config: Config, overrides: dict) -> Config:
     """Apply {key: value} with nanoGPT's flat field names; values may be strings from the command line."""
     types = field_types()
@@ -200,6 +228,8 @@ def override(config: Config, overrides: dict) -> Config:
             raise UserError(f"unknown config key --{key}{hint}")
         section, typ = types[key]
         changes[section][key] = _parse(key, raw, typ)
+        if key in PATH_KEYS:
+            changes[section][key] = expand_path(changes[section][key])
     return Config(**{s: dataclasses.replace(getattr(config, s), **changes[s]) for s in SECTIONS})
 
 
@@ -233,6 +263,7 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
     if name_or_path in PRESETS:
         config = PRESETS[name_or_path]()
     elif name_or_path.endswith(".py"):
+        name_or_path = expand_path(name_or_path)
         if not os.path.isfile(name_or_path):
             raise UserError(f"config file {name_or_path} not found")
         config = _from_file(name_or_path)
@@ -286,7 +317,8 @@ RANGES = {
     "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "grad_clip": (0.0, None, False, False),
     "keep_checkpoints": (1, INT_MAX, False, False),
     # sample
-    "num_samples": (1, INT_MAX, False, False), "max_new_tokens": (0, INT_MAX, False, False),
+    "num_samples": (1, INT_MAX, False, False),
+    "max_new_tokens": (0, 10**6, False, False),  # one compiled loop that prints nothing until it ends: bounded
     "temperature": (0.0, None, True, False), "top_k": (0, INT_MAX, False, False),  # top_k 0: no filtering
     "top_p": (0.0, 1.0, True, False),  # top_p 1: no filtering
     # eval (0: the run's own batch size)
@@ -295,6 +327,9 @@ RANGES = {
     "steps": (1, INT_MAX, False, False), "eager_steps": (1, INT_MAX, False, False),
     "warmup": (0, INT_MAX, False, False), "repeats": (1, INT_MAX, False, False), "rounds": (1, INT_MAX, False, False),
     "bench_max_new_tokens": (1, INT_MAX, False, False),
+    # train --distributed
+    "num_processes": (1, INT_MAX, False, False), "process_id": (0, INT_MAX, False, False),
+    "distributed_timeout": (1, 86400, False, False),
 }
 
 
@@ -342,3 +377,46 @@ def validate(config: Config) -> None:
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")
 
+
+def descriptions() -> dict[str, str]:
+    """Every config key -> the one-line comment its dataclass field carries (read from this file's source)."""
+    import inspect
+    import re
+
+    out = {}
+    for cls in SECTIONS.values():
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def describe_value(key: str, typ: type, default) -> str:
+    """`[TYPE, default D, range or choices]` as help shows it (the range from RANGES, the choices from CHOICES)."""
+    facts = [typ.__name__, f"default {default!r}" if isinstance(default, str) else f"default {default}"]
+    if key in RANGES:
+        lo, hi, lo_open, hi_open = RANGES[key]
+        bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+        bounds += [f"{'<' if hi_open else '<='} {hi}"] if hi not in (None, INT_MAX, 2**32 - 1) else []
+        facts += [" and ".join(bounds)] if bounds else []
+    if key in CHOICES:
+        facts.append("one of " + "|".join(CHOICES[key]))
+    return f"[{', '.join(facts)}]"
+
+
+def help_line(name: str, note: str, facts: str) -> str:
+    return f"  --{name:<32} {note} {facts}".rstrip()
+
+
+def help_text(config: Config, preset: str) -> str:
+    """Every config key by section: its field's comment, type, the value under `preset` (with the overrides given),
+    range or choices."""
+    notes, types = descriptions(), field_types()
+    lines = [f"config keys, --key=value (defaults: {preset}):"]
+    for section in SECTIONS:
+        lines.append(f" {section}:")
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            lines.append(help_line(f.name, notes.get(f.name, ""), describe_value(f.name, types[f.name][1], value)))
+    return "\n".join(lines)

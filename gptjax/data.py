@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptjax import tokenizers
-from gptjax.config import DataConfig
+from gptjax.config import DataConfig, cache_home, expand_path
 from gptjax.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -25,7 +25,7 @@ SPLITS = ("train", "val")
 
 
 def data_dir(config: DataConfig) -> str:
-    return config.data_dir or os.environ.get("GPTJAX_DATA_DIR") or os.path.expanduser("~/.cache/gptjax")
+    return config.data_dir or expand_path(os.environ.get("GPTJAX_DATA_DIR", "")) or cache_home()
 
 
 def sha256(path: str) -> str:
@@ -71,12 +71,15 @@ def corpus_path(config: DataConfig) -> str:
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text: dropped, as Python does
             text = f.read()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
-    if len(text) < 2:
+    if not text:
         raise UserError(f"{path} is empty: a corpus needs text to train on")
+    if len(text) < 2:
+        raise UserError(f"{path} holds one character: a corpus needs text to train on (each split at least two "
+                        "tokens)")
     return text
 
 

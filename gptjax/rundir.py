@@ -79,11 +79,13 @@ def saved_config(out: str) -> Config | None:
     try:
         with open(path, encoding="utf-8") as f:
             config = Config.from_dict(json.load(f))
-        validate(config)
-    except (OSError, ValueError, UserError) as e:
-        why = str(e)[:200] if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:200]}"
-        raise UserError(f"{path} is not a readable gptjax run config ({why}); restore it, or start a new run with "
-                        "--force") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable gptjax run config ({type(e).__name__}: {str(e)[:200]}); restore "
+                        "it, or start a new run with --force") from None
+    try:
+        validate(config)  # ranges, and a --model factory that must still import
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return config
 
 

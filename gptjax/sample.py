@@ -18,8 +18,14 @@ from gptjax.errors import UserError
 
 def filter_logits(logits_NV, temperature, top_k: int | None, top_p: float | None = None):
     """Scale by 1/temperature, keep only the top_k largest logits (nanoGPT's sample), then the smallest set of the
-    most likely tokens whose probability sums to at least top_p (nucleus sampling); the rest -> -inf."""
-    logits_NV = logits_NV.astype(jnp.float32) / temperature
+    most likely tokens whose probability sums to at least top_p (nucleus sampling); the rest -> -inf.
+
+    The largest logit is subtracted first (softmax does not change): a temperature so small that logits/temperature
+    would overflow then leaves 0 for the most likely tokens and -inf for the rest, i.e. greedy sampling, its limit.
+    (A temperature below float32's smallest normal number, flushed to 0 on the device, counts as that number.)"""
+    logits_NV = logits_NV.astype(jnp.float32)
+    temperature = jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
+    logits_NV = (logits_NV - logits_NV.max(axis=-1, keepdims=True)) / temperature
     if top_k:
         kth_N1 = jax.lax.top_k(logits_NV, min(top_k, logits_NV.shape[-1]))[0][:, -1:]
         logits_NV = jnp.where(logits_NV < kth_N1, -jnp.inf, logits_NV)
@@ -81,6 +87,18 @@ def generate(graphdef, block_size: int, max_new_tokens: int, top_k: int | None, 
     return jax.lax.fori_loop(cached, max_new_tokens, reforward, buf_NL)[:, :L]
 
 
+def check_memory(m, num_samples: int, length: int) -> None:
+    """Refuse, before allocating, samples that cannot fit: per sample the token buffer (on the device, on the host
+    and as Python ints to decode), the re-forward window's float32 logits, the KV cache and a block's
+    activations."""
+    from gptjax.train import refuse_unless_fits
+
+    T, D = m.block_size, m.n_embd
+    per_sample = 64 * max(length, T) + 8 * T * m.vocab_size + 8 * m.n_layer * T * D + 64 * T * D
+    refuse_unless_fits(num_samples * per_sample, f"{num_samples:,} samples of {length:,} tokens",
+                       "--num_samples or --max_new_tokens")
+
+
 def default_start(tok) -> str:
     """A newline, as nanoGPT starts, if the vocabulary has one; else the vocabulary's first token."""
     try:
@@ -121,6 +139,7 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new
     prompt = np.asarray(tok.encode(start), np.int32)
     if len(prompt) == 0:
         raise UserError(f"--start={start!r} encodes to no tokens")
+    check_memory(config.model, num_samples, len(prompt) + max_new_tokens)
     prompt_NP = np.tile(prompt, (num_samples, 1))
     out = generate(graphdef, config.model.block_size, max_new_tokens, top_k, params, prompt_NP,
                    jax.random.PRNGKey(seed), jnp.float32(temperature), n_tokens=tok.vocab_size,

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from gptjax import checkpoint, data, model, optim, parallel, rundir
-from gptjax.config import Config, TrainConfig, check_range, resumed
+from gptjax.config import Config, TrainConfig, check_range, expand_path, resumed
 from gptjax.errors import Stopped, UserError
 
 
@@ -129,7 +129,7 @@ def resume_config(overrides: dict, default_out_dir: str) -> tuple[Config, list[s
 
     Returns the config and one "key: old -> new" line per setting the overrides changed.
     """
-    out = overrides.get("out_dir", default_out_dir)
+    out = expand_path(overrides.get("out_dir", default_out_dir))
     rundir.check_out_dir(out)
     config, changes = resumed(_run_to_resume(out), {**overrides, "out_dir": out, "init_from": "resume"}, where=out)
     return config, [c for c in changes if not c.startswith(("out_dir:", "init_from:"))]
@@ -189,9 +189,27 @@ def _expected_failure(e: BaseException, out: str) -> UserError | None:
     if isinstance(e, MemoryError) or (isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)):
         return UserError("out of memory: lower --batch_size (or raise --gradient_accumulation_steps to keep the "
                          "tokens per step), --block_size, --n_embd or --n_layer")
-    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-        return UserError(f"cannot write the run in {out}: {e.strerror} ({e.filename or out}); free space or pick "
-                         "another --out_dir, then continue with --init_from=resume")
+    write = _write_error(e)
+    if write is not None:
+        return UserError(f"cannot write the run in {out}: {write.strerror} ({write.filename or out}); free space or "
+                         "pick another --out_dir, then continue with --init_from=resume")
+    return None
+
+
+def _write_error(e: BaseException | None) -> OSError | None:
+    """The OSError of a failed write behind e: e itself, its cause or context (orbax re-raises in its own types),
+    or one named only in a message ("[Errno 28] No space left on device: 'PATH'")."""
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)(?::\s*'([^']*)')?", str(e))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            return OSError(int(m.group(1)), m.group(2).strip(), m.group(3))
+        e = e.__cause__ or e.__context__
     return None
 
 
@@ -227,6 +245,16 @@ def _available_bytes() -> tuple[int | None, int | None]:
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 / 10 else f"{n_bytes / 1024**2:.1f} MiB"
+
+
+def refuse_unless_fits(need: int, what: str, lower: str) -> None:
+    """A UserError, before allocating, when `need` bytes (`what` needs them) exceed the device's memory limit (the
+    host's available memory on a CPU): `lower` names the options to lower."""
+    device, host = _available_bytes()
+    limit = device if device is not None else host
+    if limit is not None and need > limit:
+        raise UserError(f"out of memory: {what}: about {_size(need)} needed, {_size(limit)} available; "
+                        f"lower {lower}")
 
 
 def check_memory(config: Config, n_devices: int = 0) -> None:
@@ -452,7 +480,12 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
         rundir.check_corpus(out_dir, prep)
     rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
-    batch_size = batch_size or config.train.batch_size
+    m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
+    batch_size = min(batch_size or config.train.batch_size, windows)  # more rows than windows would be padding
+    # The split's inputs, targets and mask, and one batch's logits, log-sum-exp and activations, in float32.
+    refuse_unless_fits(12 * len(tokens) + 4 * batch_size * m.block_size * (3 * m.vocab_size + 16 * m.n_embd),
+                       f"eval over {len(tokens):,} tokens in batches of {batch_size:,} x {m.block_size}",
+                       "--batch_size")
     mesh = parallel.make_mesh(mesh, batch_size)
     nats, n = exact_loss(graphdef, params, tokens, config.model.block_size, batch_size, mesh)
     tok = prep.tokenizer()

@@ -153,6 +153,10 @@ def test_every_numeric_setting_has_a_range():
     (("train", "--weight_decay=-0.1"), "--weight_decay=-0.1"),
     (("train", "--min_lr=nan"), "--min_lr=nan"),
     (("train", "--dropout=1.5"), "--dropout=1.5"),
+    (("train", "--dropout=1.0"), "--dropout=1.0"),  # every unit dropped: the run would die of a non-finite loss
+    (("train", "--distributed", "--num_processes=0"), "--num_processes=0"),
+    (("train", "--distributed", "--distributed_timeout=0"), "--distributed_timeout=0"),
+    (("sample", "--max_new_tokens=1000001"), "--max_new_tokens=1000001"),
     (("train", "--n_head=0"), "--n_head=0"),
     (("train", "--max_iters=-1"), "--max_iters=-1"),
     (("train", "--eval_interval=4294967296"), "--eval_interval=4294967296"),

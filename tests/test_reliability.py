@@ -165,3 +165,115 @@ def test_a_corpus_changed_since_the_run_was_trained_is_named(capsys, trained, tm
     for argv in (["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=6"], ["eval", f"--out_dir={out}"]):
         assert f"the corpus {corpus} has changed since {out} was trained on it" in user_error(capsys, *argv)
     assert digest(out) == before
+
+
+def test_what_cannot_finish_or_fit_is_refused_up_front(capsys, trained, monkeypatch):
+    from gptjax import train
+
+    out = str(trained)
+    for argv, needle in ((["--num_samples=2147483647"], "out of memory: 2,147,483,647 samples of"),
+                         (["--max_new_tokens=2147483647"], "--max_new_tokens=2147483647 is out of range")):
+        assert needle in user_error(capsys, "sample", f"--out_dir={out}", *argv)
+    monkeypatch.setattr(train, "_available_bytes", lambda: (None, 1 << 15))  # a host with 32 KiB free
+    assert "lower --batch_size" in user_error(capsys, "eval", f"--out_dir={out}", "--batch_size=64")
+    assert "lower --num_samples or --max_new_tokens" in user_error(capsys, "sample", f"--out_dir={out}")
+
+
+@pytest.mark.parametrize("address, needle", [
+    ("no-such-host.invalid:1234", "host no-such-host.invalid does not resolve"),
+    ("127.0.0.1", "write HOST:PORT"),
+    ("127.0.0.1:99999", "port 99999 is not in 1..65535"),
+])
+def test_a_coordinator_address_that_cannot_work_is_one_line(capsys, tmp_path, shakespeare, address, needle):
+    err = user_error(capsys, "train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}",
+                     "--distributed", f"--coordinator_address={address}", "--num_processes=1", "--process_id=0")
+    assert needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_process_that_never_joins_ends_the_wait_with_one_line(tmp_path, shakespeare):
+    """Two processes declared, one started: --distributed_timeout ends the wait with one line, not the runtime's
+    abort minutes later."""
+    import socket
+
+    from conftest import error_line, run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli("train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path / 'r'}", "--distributed",
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+                "--distributed_timeout=3", timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "waited 3 s for 1 other process(es) to connect" in error_line(r.stderr)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "sample", "eval", "bench", "export", "import"])
+def test_every_command_answers_help_with_every_option_and_key(capsys, command):
+    """--help exits 0 and lists the command's options and, for the commands that take a config, every config key
+    with its comment, type and the preset's value; the defaults shown are the ones the command uses."""
+    from gptjax import cli
+    from gptjax.config import descriptions, field_types, load_config
+
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: gptjax {command}")
+    for name, (metavar, _, note) in cli.OPTIONS[command].items():
+        assert f"--{name}={metavar}" in out and note in out, name
+    if command in cli.TAKES_CONFIG:
+        notes, config = descriptions(), load_config("tiny")
+        assert cli.main([command, "--config=tiny", "--help"]) == 0
+        out = capsys.readouterr().out
+        for key, (section, typ) in field_types().items():
+            value = getattr(getattr(config, section), key)
+            shown = f"[{typ.__name__}, default {value!r}" if typ is str else f"[{typ.__name__}, default {value}"
+            line = next(line for line in out.splitlines() if line.startswith(f"  --{key} "))
+            assert notes[key] and notes[key] in line and shown in line, (key, line)
+        assert "--max_iters                        optimizer steps [int, default 20, >= 0]" in out
+
+
+def test_help_shows_the_defaults_the_commands_use():
+    from gptjax import bench, cli, config
+
+    o = bench.parse_options({})
+    for key in ("steps", "eager_steps", "warmup", "repeats", "rounds", "max_new_tokens", "out"):
+        assert cli.OPTIONS["bench"][key][1] == getattr(o, key), key
+    assert cli.OPTIONS["bench"]["modes"][1] == ",".join(bench.runner.MODES)
+    assert cli.DEFAULT_RUN == config.load_config(cli.DEFAULT_CONFIG).train.out_dir
+
+
+def test_version(capsys):
+    from gptjax import __version__, cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"gptjax {__version__} (jax ")
+
+
+def test_small_corpora_byte_order_marks_home_and_working_directory(capsys, tmp_path, monkeypatch, shakespeare):
+    from gptjax import config, data
+    from gptjax.config import DataConfig
+
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    assert "holds one character" in user_error(capsys, "prepare", f"--input={one}", f"--data_dir={tmp_path / 'd'}")
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\ufeff" + "hello there, general kenobi\n" * 50, encoding="utf-8")
+    prep = data.prepare(DataConfig(input=str(bom), data_dir=str(tmp_path / "d")))
+    assert "\ufeff" not in prep.tokenizer().decode(list(range(prep.meta["vocab_size"])))
+    assert prep.meta["vocab_size"] == len(set("hello there, general kenobi\n")) and \
+        prep.meta["train_chars"] + prep.meta["val_chars"] == 50 * 28
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli_run("prepare", "--config=tiny", f"--input={shakespeare}", "--data_dir=~/d").returncode == 0
+    assert (tmp_path / "home" / "d" / "prepared").is_dir() and not os.path.exists("~")
+    assert str(tmp_path / "home" / "nothing") in user_error(capsys, "sample", "--out_dir=~/nothing")
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("GPTJAX_DATA_DIR")
+    assert config.cache_home() != "/.cache/gptjax" and data.data_dir(DataConfig()) == config.cache_home()
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert "the working directory no longer exists" in user_error(capsys, "eval")

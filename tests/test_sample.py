@@ -13,10 +13,14 @@ CFG = ModelConfig(vocab_size=23, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
 def test_filter_logits_temperature_and_top_k():
     logits = jnp.asarray([[1.0, 3.0, 2.0, 0.5]])
-    out = sample.filter_logits(logits, 2.0, 2)
-    np.testing.assert_allclose(out, [[-np.inf, 1.5, 1.0, -np.inf]])
-    np.testing.assert_allclose(sample.filter_logits(logits, 0.5, None), [[2.0, 6.0, 4.0, 1.0]])
-    np.testing.assert_allclose(sample.filter_logits(logits, 1.0, 100), logits)  # top_k beyond the vocabulary
+    out = sample.filter_logits(logits, 2.0, 2)  # logits / T, less their largest (softmax does not change)
+    np.testing.assert_allclose(out, [[-np.inf, 0.0, -0.5, -np.inf]])
+    np.testing.assert_allclose(sample.filter_logits(logits, 0.5, None), [[-4.0, 0.0, -2.0, -5.0]])
+    np.testing.assert_allclose(sample.filter_logits(logits, 1.0, 100), logits - 3.0)  # top_k beyond the vocabulary
+    # so small a temperature that logits / T overflow float32: greedy, not NaN (which samples token 0)
+    for cold in (1e-40, 1e-30):
+        np.testing.assert_array_equal(jax.nn.softmax(sample.filter_logits(logits, jnp.float32(cold), None)),
+                                      [[0.0, 1.0, 0.0, 0.0]])
 
 
 def _generate(params, graphdef, prompt, n, seed, top_k=None, temperature=1.0):
@@ -141,8 +145,10 @@ def test_sample_passes_temperature_and_top_k_through(run_dir):
     greedy at every position. Guards against sample.sample dropping --temperature or --top_k on the way to generate
     (at temperature 1 or 0.8, or top_k 200 at temperature 100, the text would be sampled, not greedy)."""
     greedy = _greedy_text(run_dir, "ROMEO:", 40)
-    cold = sample.sample(run_dir, start="ROMEO:", num_samples=2, max_new_tokens=40, temperature=1e-6, top_k=0, seed=3)
-    assert cold == [greedy] * 2
+    for temperature in (1e-6, 1e-40):  # 1e-40: logits / T overflow float32
+        cold = sample.sample(run_dir, start="ROMEO:", num_samples=2, max_new_tokens=40, temperature=temperature,
+                             top_k=0, seed=3)
+        assert cold == [greedy] * 2, temperature
     top1 = sample.sample(run_dir, start="ROMEO:", num_samples=2, max_new_tokens=40, temperature=100.0, top_k=1,
                          seed=3)
     assert top1 == [greedy] * 2

@@ -18,7 +18,7 @@ import numpy as np
 
 from gptjax.bench import flops, preflight, report
 from gptjax.bench.worker import USER_ERROR
-from gptjax.config import Config, check_range, override, validate
+from gptjax.config import Config, check_range, expand_path, override, validate
 from gptjax.errors import UserError
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
@@ -99,7 +99,8 @@ def parse_options(opts: dict) -> Options:
     return Options(modes=tuple(dict.fromkeys(modes)), workload=workload, steps=steps,
                    eager_steps=_int(opts, "eager_steps", min(steps, 3)), warmup=_int(opts, "warmup", 2),
                    repeats=_int(opts, "repeats", 5), sweep_key=sweep_key, sweep_values=values,
-                   out=opts.pop("out", ""), max_new_tokens=_int(opts, "max_new_tokens", 64, "bench_max_new_tokens"),
+                   out=expand_path(opts.pop("out", "")),
+                   max_new_tokens=_int(opts, "max_new_tokens", 64, "bench_max_new_tokens"),
                    rounds=_int(opts, "rounds", 1), samplers=samplers)
 
 
