@@ -206,6 +206,9 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
 
     A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
     """
+    _check_target(path)
+    if not force and os.path.lexists(path):
+        raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
     config, _, state = rundir.load_state(out_dir, which)
     c = config.model
     if c.model != "gpt":
@@ -218,11 +221,10 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
     if isinstance(tok, tokenizers.CharTokenizer):
         meta = {"vocab_size": tok.vocab_size, "itos": dict(enumerate(tok.chars)),
                 "stoi": {ch: i for i, ch in enumerate(tok.chars)}}
-    if not force:
-        if os.path.exists(path):
-            raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
-        if meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
-            raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
+    if meta is not None and os.path.isdir(meta_path):
+        raise UserError(f"{meta_path} is a directory, where the vocabulary would go: move it or export elsewhere")
+    if not force and meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
+        raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
     ckpt = nanogpt_checkpoint(config, state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -230,6 +232,38 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
         _atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     return {"path": path, "meta": meta_path if meta is not None else None, "iter_num": ckpt["iter_num"],
             "tensors": len(ckpt["model"])}
+
+
+def _check_target(path: str) -> None:
+    """PATH is not a directory and its directory can be made and takes a new file: checked before any work, with a
+    probe file, removed again with every directory made for it."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: name the file to write inside it, e.g. "
+                        f"{os.path.join(path, 'ckpt.pt')}")
+    d = where = os.path.dirname(os.path.abspath(path))
+    missing = []  # deepest first
+    while not os.path.isdir(d):
+        if os.path.lexists(d):
+            raise UserError(f"{path}: {d} is a file, so the directory cannot be made; export to another path")
+        missing.append(d)
+        d = os.path.dirname(d)
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".gptjax-export-probe-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {d} ({e.strerror or e}); export to a directory you can write to"
+                        ) from None
+    finally:
+        for m in reversed(made):
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
 
 
 def _atomic_write(path: str, write) -> None:

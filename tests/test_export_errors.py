@@ -1,0 +1,51 @@
+"""What `gptjax export` and `gptjax import` refuse: one line, exit 2, and nothing already written lost. No model is
+trained here: each check comes before the work."""
+
+import errno
+import os
+
+import pytest
+from conftest import digest, user_error
+
+from gptjax.reference import convert
+
+
+@pytest.fixture
+def no_checkpoint_load(monkeypatch):
+    def load_state(*args, **kwargs):
+        raise AssertionError("export loaded the checkpoint before checking the file it is to write")
+
+    monkeypatch.setattr(convert.rundir, "load_state", load_state)
+
+
+def _export(capsys, tmp_path, target) -> str:
+    return user_error(capsys, "export", f"--out_dir={tmp_path / 'run'}", "--to=nanogpt", target)
+
+
+def test_export_to_a_path_that_cannot_be_written_is_refused_first(capsys, tmp_path, no_checkpoint_load):
+    (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    before = digest(tmp_path)
+    for target, needle in (
+            (tmp_path / "dir.pt", f"{tmp_path / 'dir.pt'} is a directory: name the file to write inside it, e.g. "
+                                  f"{tmp_path / 'dir.pt' / 'ckpt.pt'}"),
+            (tmp_path / "file" / "x.pt", f"{tmp_path / 'file'} is a file, so the directory cannot be made"),
+            (tmp_path / "file" / "a" / "x.pt", f"{tmp_path / 'file'} is a file, so the directory cannot be made"),
+            ("/proc/x.pt", "/proc/x.pt: cannot write in /proc (No such file or directory); export to a directory"),
+            ("/proc/gptjax-export/x.pt", "cannot write in /proc/gptjax-export")):
+        assert needle in _export(capsys, tmp_path, target)
+        assert digest(tmp_path) == before
+    assert not os.path.exists("/proc/gptjax-export")
+
+
+def test_export_into_a_read_only_directory_is_refused_first_and_leaves_nothing(capsys, tmp_path, no_checkpoint_load,
+                                                                              monkeypatch):
+    # A read-only file system, simulated (the tests may run as root, whom permissions do not stop): the directories
+    # made for the probe are removed again.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(convert.tempfile, "mkstemp", read_only)
+    err = _export(capsys, tmp_path, tmp_path / "new" / "deeper" / "ckpt.pt")
+    assert f"cannot write in {tmp_path / 'new' / 'deeper'} (Read-only file system)" in err, err
+    assert os.listdir(tmp_path) == []
