@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import re
+import secrets
 import tempfile
 
 import jax
@@ -267,9 +268,17 @@ def _check_target(path: str) -> None:
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file of our own (a unique name beside path), then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    """Write through a temporary file of our own (a unique name beside path), then rename it into place. The file
+    gets the mode any new file gets (0666 less the umask), not mkstemp's 0600: a ckpt.pt is made to be shared."""
+    d, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(d, f"{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
