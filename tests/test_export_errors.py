@@ -49,3 +49,11 @@ def test_export_into_a_read_only_directory_is_refused_first_and_leaves_nothing(c
     err = _export(capsys, tmp_path, tmp_path / "new" / "deeper" / "ckpt.pt")
     assert f"cannot write in {tmp_path / 'new' / 'deeper'} (Read-only file system)" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_import_of_a_directory_says_to_name_the_ckpt_inside(capsys, tmp_path):
+    (tmp_path / "nano").mkdir()
+    err = user_error(capsys, "import", "--from=nanogpt", tmp_path / "nano", f"--out_dir={tmp_path / 'run'}")
+    assert f"{tmp_path / 'nano'} is a directory: name the checkpoint file inside it, e.g. " \
+           f"{tmp_path / 'nano' / 'ckpt.pt'}" in err, err
+    assert not (tmp_path / "run").exists()

@@ -310,6 +310,9 @@ def _read_meta(path: str) -> dict:
 
 def load_nanogpt(path: str) -> dict:
     """A nanoGPT ckpt.pt, loaded with weights_only=True and checked for 'model' and 'model_args'."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: name the checkpoint file inside it, e.g. "
+                        f"{os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
