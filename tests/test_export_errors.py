@@ -3,8 +3,12 @@ trained here: each check comes before the work."""
 
 import errno
 import os
+import pickle
+import shlex
+import warnings
 
 import pytest
+import torch
 from conftest import digest, user_error
 
 from gptjax.reference import convert
@@ -57,3 +61,30 @@ def test_import_of_a_directory_says_to_name_the_ckpt_inside(capsys, tmp_path):
     assert f"{tmp_path / 'nano'} is a directory: name the checkpoint file inside it, e.g. " \
            f"{tmp_path / 'nano' / 'ckpt.pt'}" in err, err
     assert not (tmp_path / "run").exists()
+
+
+class RunsCode:
+    """Unpickling this runs a shell command, which leaves the marker file behind."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+@pytest.mark.parametrize("save", ["torch.save", "pickle.dump"])
+def test_import_refuses_a_pickle_that_would_run_code_and_names_it(capsys, tmp_path, save):
+    marker, path = tmp_path / "code-ran", tmp_path / "ckpt.pt"
+    payload = {"model": {"transformer.wte.weight": RunsCode(str(marker))}, "model_args": {}}
+    if save == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        err = user_error(capsys, "import", "--from=nanogpt", path, f"--out_dir={tmp_path / 'run'}")
+    assert not [str(w.message) for w in seen]  # printed, a warning is more lines than the one error line
+    assert f"it pickles {os.system.__module__}.system, which weights_only loading refuses to import" in err, err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -9,6 +9,8 @@ import pickle
 import re
 import secrets
 import tempfile
+import warnings
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -308,6 +310,51 @@ def _read_meta(path: str) -> dict:
     return meta
 
 
+def _pickled_globals(path: str) -> list[str]:
+    """The globals a torch.save file (or a plain pickle) would import, read from its opcodes: nothing is imported or
+    run. Best effort, to name what weights_only loading refused whatever torch's message says."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                streams = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found = []
+    for data in streams:
+        f, memo, pushed = io.BytesIO(data), {}, []
+        try:
+            while f.tell() < len(data):  # torch's legacy format is several pickles in a row
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        found.append(".".join(str(x) for x in pushed[-2:]))
+                    if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name not in ("PROTO", "FRAME", "STOP"):
+                        pushed.append(arg if isinstance(arg, str) else None)
+        except Exception:  # a damaged stream: what was read so far is the answer
+            pass
+    return found
+
+
+def _refused_global(path: str, error: Exception) -> str | None:
+    """A global that weights_only loading refuses, from torch's message (its wordings differ between versions and
+    between blocked modules and other globals) or else from the file's own opcodes."""
+    found = re.search(r"\bGLOBAL ([\w.]+)", str(error))
+    if found:
+        return found.group(1).rstrip(".")
+    allowed = getattr(getattr(torch, "_weights_only_unpickler", None), "_get_allowed_globals", dict)()
+    return next((n for n in _pickled_globals(path) if n not in allowed and not n.startswith("torch.")), None)
+
+
 def load_nanogpt(path: str) -> dict:
     """A nanoGPT ckpt.pt, loaded with weights_only=True and checked for 'model' and 'model_args'."""
     if os.path.isdir(path):
@@ -316,11 +363,13 @@ def load_nanogpt(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a pickle protocol: the error below is the one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the file
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        reason = (f"it pickles {found.group(1)}, which weights_only loading refuses to import" if found
-                  else "not a file written by torch.save")
+        name = _refused_global(path, e)
+        reason = (f"it pickles {name}, which weights_only loading refuses to import (loading it could run code)"
+                  if name else "not a file written by torch.save")
         raise UserError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {reason}") from None
     if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args"))):
         raise UserError(f"{path} is not a nanoGPT checkpoint: expected a dict with 'model' (a state dict) and "
