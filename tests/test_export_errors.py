@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import digest, user_error
 
-from gptjax.reference import convert
+from gptjax.config import ModelConfig
+from gptjax.reference import convert, parity
 
 
 @pytest.fixture
@@ -88,3 +89,18 @@ def test_import_refuses_a_pickle_that_would_run_code_and_names_it(capsys, tmp_pa
     assert not [str(w.message) for w in seen]  # printed, a warning is more lines than the one error line
     assert f"it pickles {os.system.__module__}.system, which weights_only loading refuses to import" in err, err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_import_meta_that_is_not_a_meta_pkl_is_one_line(capsys, tmp_path):
+    c = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": parity.twin(c).state_dict(), "model_args": {k: getattr(c, k) for k in convert.MODEL_ARGS}},
+               ckpt)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("PS: not a pickle")  # 'P' is pickle's persistent-id opcode, whose error spans two lines
+    for meta, needle in ((ckpt, "not a zip archive like a torch.save ckpt.pt"),
+                         (tmp_path, "not a directory: name the meta.pkl inside it"),
+                         (notes, "a load persistent id instruction was encountered, but no persistent_load")):
+        err = user_error(capsys, "import", "--from=nanogpt", ckpt, f"--meta={meta}", f"--out_dir={tmp_path / 'run'}")
+        assert f"--meta={meta} must be nanoGPT's meta.pkl" in err and needle in err.lower(), err
+        assert not (tmp_path / "run").exists()

@@ -297,14 +297,21 @@ class _DataOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_meta(path: str) -> dict:
+def _read_meta(path: str, option: bool = False) -> dict:
+    """A nanoGPT meta.pkl; anything else is one line naming it (as --meta=path when the user named it)."""
+    what = f"--meta={path} must be nanoGPT's meta.pkl" if option else f"{path} is not a nanoGPT meta.pkl"
+    if os.path.isdir(path):
+        raise UserError(f"{what}, not a directory: name the meta.pkl inside it")
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{what} (a pickled dict: vocab_size, itos, stoi), not a zip archive like a torch.save ckpt.pt")
     try:
         with open(path, "rb") as f:
             meta = _DataOnly(io.BytesIO(f.read())).load()
         itos = meta["itos"]
         chars = "".join(itos[i] for i in range(meta["vocab_size"]))
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not a nanoGPT meta.pkl (vocab_size, itos, stoi): {e}") from None
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # pickle's messages can span lines
+        raise UserError(f"{what} (a pickled dict: vocab_size, itos, stoi): {why}") from None
     if len(chars) != meta["vocab_size"]:
         raise UserError(f"{path}: itos entries must be single characters")
     return meta
@@ -406,7 +413,7 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     local_meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
     if meta_path is not None or os.path.exists(local_meta):
-        meta = _read_meta(meta_path or local_meta)
+        meta = _read_meta(meta_path or local_meta, option=meta_path is not None)
         tok = tokenizers.CharTokenizer("".join(meta["itos"][i] for i in range(meta["vocab_size"])))
     elif c.vocab_size >= GPT2_VOCAB:
         tok = tokenizers.gpt2()
