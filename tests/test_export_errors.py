@@ -1,16 +1,20 @@
-"""What `gptjax export` and `gptjax import` refuse: one line, exit 2, and nothing already written lost. No model is
-trained here: each check comes before the work."""
+"""What `gptjax export`, `gptjax import` and bench's results writer refuse or survive: one line, exit 2, and nothing
+already written lost. No model is trained here: each check comes before the work, or the work is stubbed."""
 
 import errno
+import json
 import os
 import pickle
 import shlex
+import stat
 import warnings
 
 import pytest
 import torch
 from conftest import digest, user_error
 
+from gptjax import cli
+from gptjax.bench import report, runner
 from gptjax.config import ModelConfig
 from gptjax.reference import convert, parity
 
@@ -104,3 +108,46 @@ def test_import_meta_that_is_not_a_meta_pkl_is_one_line(capsys, tmp_path):
         err = user_error(capsys, "import", "--from=nanogpt", ckpt, f"--meta={meta}", f"--out_dir={tmp_path / 'run'}")
         assert f"--meta={meta} must be nanoGPT's meta.pkl" in err and needle in err.lower(), err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def stub_bench(monkeypatch):
+    """bench without a mode's process or a batch: every mode reports the same canned figures."""
+    result = {"step_s_runs": [0.01, 0.02], "tokens_per_call": 128, "detail": "stub", "dtype": "float32",
+              "device": "cpu", "devices": 1, "threads": None, "versions": {}, "first_call_s": 1.0,
+              "peak_mem_bytes": 2**20, "peak_mem_source": "stub", "losses": [3.0, 2.9]}
+    monkeypatch.setattr(runner, "_prepare_point", lambda config, o, modes, tmp, n: (config, {}, 1000))
+    monkeypatch.setattr(runner, "_run_mode", lambda mode, spec, tmp: (dict(result), None))
+
+
+def test_bench_results_replace_a_link_rather_than_write_through_it(capsys, tmp_path, stub_bench):
+    out, theirs = tmp_path / "out", tmp_path / "theirs.json"
+    out.mkdir()
+    theirs.write_text("someone else's file")
+    (out / "results.json").symlink_to(theirs)
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["bench", "--config=tiny", "--modes=jax_jit", f"--out={out}"]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old)
+    assert theirs.read_text() == "someone else's file" and not (out / "results.json").is_symlink()
+    with open(out / "results.json") as f:
+        assert [r["mode"] for r in json.load(f)["records"]] == ["jax_jit"]
+    assert sorted(os.listdir(out)) == sorted(report.FILES)
+    assert {stat.S_IMODE(os.stat(out / n).st_mode) for n in report.FILES} == {0o644}  # not mkstemp's 0600
+
+
+def test_a_failed_results_write_keeps_the_earlier_results_and_is_one_line(capsys, tmp_path, stub_bench, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in report.FILES:
+        (out / name).write_text(f"earlier {name}")
+    before = digest(tmp_path)
+
+    def disk_full(records, path):  # the disk fills up while the chart, the last file, is written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report, "chart", disk_full)
+    err = user_error(capsys, "bench", "--config=tiny", "--modes=jax_jit", f"--out={out}")
+    assert f"cannot write {out / 'results.png'} (No space left on device)" in err, err
+    assert digest(tmp_path) == before
