@@ -4,12 +4,13 @@ loads the way nanoGPT's sample.py loads it, and comes back through `gptjax impor
 import os
 import pickle
 import shutil
+import stat
 
 import jax
 import numpy as np
 import pytest
 import torch
-from conftest import cli_run
+from conftest import cli_run, digest, user_error
 
 from gptjax import cli, data, model, rundir, train
 from gptjax.config import ModelConfig
@@ -202,3 +203,26 @@ def test_export_leaves_temporary_files_it_did_not_make(exported, tmp_path):
     assert cli.main(["export", f"--out_dir={run}", "--to=nanogpt", str(target)]) == 0
     assert all((tmp_path / n).read_text() == "not gptjax's" for n in ("ckpt.pt.tmp", "meta.pkl.tmp"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp", "meta.pkl", "meta.pkl.tmp"]
+
+
+def test_exported_files_take_the_umask_mode(exported, tmp_path):
+    """ckpt.pt and meta.pkl are made to be shared: they get a new file's mode under the umask (0666 & ~umask), not
+    the 0600 of a temporary file, though they are still written through one and renamed."""
+    run, _ = exported
+    old = os.umask(0o027)
+    try:
+        assert cli.main(["export", f"--out_dir={run}", "--to=nanogpt", str(tmp_path / "ckpt.pt")]) == 0
+    finally:
+        os.umask(old)
+    assert {n: stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in os.listdir(tmp_path)} == {
+        "ckpt.pt": 0o640, "meta.pkl": 0o640}
+
+
+def test_export_beside_a_meta_pkl_directory_writes_nothing(exported, tmp_path, capsys):
+    """--force replaces files, not a directory where meta.pkl would go: refused before ckpt.pt is written."""
+    run, _ = exported
+    (tmp_path / "meta.pkl").mkdir()
+    before = digest(tmp_path)
+    err = user_error(capsys, "export", f"--out_dir={run}", "--to=nanogpt", tmp_path / "ckpt.pt", "--force")
+    assert f"{tmp_path / 'meta.pkl'} is a directory, where the vocabulary would go" in err, err
+    assert digest(tmp_path) == before

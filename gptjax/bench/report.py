@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+
+from gptjax.errors import UserError
 
 # results.json is {"command", "fields", "records"}; every record has exactly these fields.
 FIELDS = {
@@ -136,7 +139,7 @@ def markdown(records: list[dict], command: str) -> str:
     return "\n".join(notes + rows) + "\n"
 
 
-def chart(records: list[dict], path: str) -> None:
+def chart(records: list[dict], path) -> None:
     """A sweep: log-log ms/step against tokens per step (or the swept size), one line per mode (and sampler).
     No sweep: ms/step per mode (and sampler) as bars with the min-max range."""
     import matplotlib
@@ -173,16 +176,47 @@ def chart(records: list[dict], path: str) -> None:
     if ok and ok[0]["point"]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
+def _new_file(path: str) -> tuple[int, str]:
+    """A new file beside path under a name of our own, with the mode a new file gets (0666 less the umask)."""
+    d, base = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def write(records: list[dict], out_dir: str, command: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
+    """results.json, .md and .png in out_dir, each through a temporary file beside it, renamed into place once all
+    three are complete: a failed write (a full disk) keeps the results there, a link is replaced, not written through,
+    and an OSError is one line naming the file."""
     paths = [os.path.join(out_dir, f) for f in FILES]
-    with open(paths[0], "w") as f:
-        json.dump({"command": command, "fields": FIELDS, "records": records}, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(markdown(records, command))
-    chart(records, paths[2])
+    contents = [lambda f: f.write(json.dumps({"command": command, "fields": FIELDS, "records": records},
+                                             indent=1).encode()),
+                lambda f: f.write(markdown(records, command).encode()),
+                lambda f: chart(records, f)]
+    temps, path = {}, out_dir
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for path, content in zip(paths, contents):
+            fd, temps[path] = _new_file(path)
+            with os.fdopen(fd, "wb") as f:
+                content(f)
+        for path in paths:
+            os.replace(temps.pop(path), path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the files already in {out_dir} are kept: free some "
+                        "space or name another --out, and run the benchmark again") from None
+    finally:
+        for tmp in temps.values():
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
     return paths

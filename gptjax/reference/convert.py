@@ -7,7 +7,10 @@ import io
 import os
 import pickle
 import re
+import secrets
 import tempfile
+import warnings
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +209,9 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
 
     A char tokenizer also goes to meta.pkl beside it (nanoGPT's stoi / itos), which its sample.py decodes with.
     """
+    _check_target(path)
+    if not force and os.path.lexists(path):
+        raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
     config, _, state = rundir.load_state(out_dir, which)
     c = config.model
     if c.model != "gpt":
@@ -218,11 +224,10 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
     if isinstance(tok, tokenizers.CharTokenizer):
         meta = {"vocab_size": tok.vocab_size, "itos": dict(enumerate(tok.chars)),
                 "stoi": {ch: i for i, ch in enumerate(tok.chars)}}
-    if not force:
-        if os.path.exists(path):
-            raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
-        if meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
-            raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
+    if meta is not None and os.path.isdir(meta_path):
+        raise UserError(f"{meta_path} is a directory, where the vocabulary would go: move it or export elsewhere")
+    if not force and meta is not None and os.path.exists(meta_path) and _read_meta(meta_path) != meta:
+        raise UserError(f"{meta_path} holds another vocabulary: export to another directory or pass --force")
     ckpt = nanogpt_checkpoint(config, state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -232,10 +237,50 @@ def export_nanogpt(out_dir: str, path: str, force: bool = False, which: str | in
             "tensors": len(ckpt["model"])}
 
 
+def _check_target(path: str) -> None:
+    """PATH is not a directory and its directory can be made and takes a new file: checked before any work, with a
+    probe file, removed again with every directory made for it."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: name the file to write inside it, e.g. "
+                        f"{os.path.join(path, 'ckpt.pt')}")
+    d = where = os.path.dirname(os.path.abspath(path))
+    missing = []  # deepest first
+    while not os.path.isdir(d):
+        if os.path.lexists(d):
+            raise UserError(f"{path}: {d} is a file, so the directory cannot be made; export to another path")
+        missing.append(d)
+        d = os.path.dirname(d)
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".gptjax-export-probe-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {d} ({e.strerror or e}); export to a directory you can write to"
+                        ) from None
+    finally:
+        for m in reversed(made):
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
+
+
 def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file of our own (a unique name beside path), then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    """Write through a temporary file of our own (a unique name beside path), then rename it into place. The file
+    gets the mode any new file gets (0666 less the umask), not mkstemp's 0600: a ckpt.pt is made to be shared."""
+    d, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(d, f"{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -252,29 +297,86 @@ class _DataOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_meta(path: str) -> dict:
+def _read_meta(path: str, option: bool = False) -> dict:
+    """A nanoGPT meta.pkl; anything else is one line naming it (as --meta=path when the user named it)."""
+    what = f"--meta={path} must be nanoGPT's meta.pkl" if option else f"{path} is not a nanoGPT meta.pkl"
+    if os.path.isdir(path):
+        raise UserError(f"{what}, not a directory: name the meta.pkl inside it")
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{what} (a pickled dict: vocab_size, itos, stoi), not a zip archive like a torch.save ckpt.pt")
     try:
         with open(path, "rb") as f:
             meta = _DataOnly(io.BytesIO(f.read())).load()
         itos = meta["itos"]
         chars = "".join(itos[i] for i in range(meta["vocab_size"]))
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not a nanoGPT meta.pkl (vocab_size, itos, stoi): {e}") from None
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # pickle's messages can span lines
+        raise UserError(f"{what} (a pickled dict: vocab_size, itos, stoi): {why}") from None
     if len(chars) != meta["vocab_size"]:
         raise UserError(f"{path}: itos entries must be single characters")
     return meta
 
 
+def _pickled_globals(path: str) -> list[str]:
+    """The globals a torch.save file (or a plain pickle) would import, read from its opcodes: nothing is imported or
+    run. Best effort, to name what weights_only loading refused whatever torch's message says."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                streams = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found = []
+    for data in streams:
+        f, memo, pushed = io.BytesIO(data), {}, []
+        try:
+            while f.tell() < len(data):  # torch's legacy format is several pickles in a row
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        found.append(".".join(str(x) for x in pushed[-2:]))
+                    if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name not in ("PROTO", "FRAME", "STOP"):
+                        pushed.append(arg if isinstance(arg, str) else None)
+        except Exception:  # a damaged stream: what was read so far is the answer
+            pass
+    return found
+
+
+def _refused_global(path: str, error: Exception) -> str | None:
+    """A global that weights_only loading refuses, from torch's message (its wordings differ between versions and
+    between blocked modules and other globals) or else from the file's own opcodes."""
+    found = re.search(r"\bGLOBAL ([\w.]+)", str(error))
+    if found:
+        return found.group(1).rstrip(".")
+    allowed = getattr(getattr(torch, "_weights_only_unpickler", None), "_get_allowed_globals", dict)()
+    return next((n for n in _pickled_globals(path) if n not in allowed and not n.startswith("torch.")), None)
+
+
 def load_nanogpt(path: str) -> dict:
     """A nanoGPT ckpt.pt, loaded with weights_only=True and checked for 'model' and 'model_args'."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: name the checkpoint file inside it, e.g. "
+                        f"{os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a pickle protocol: the error below is the one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the file
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        reason = (f"it pickles {found.group(1)}, which weights_only loading refuses to import" if found
-                  else "not a file written by torch.save")
+        name = _refused_global(path, e)
+        reason = (f"it pickles {name}, which weights_only loading refuses to import (loading it could run code)"
+                  if name else "not a file written by torch.save")
         raise UserError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {reason}") from None
     if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args"))):
         raise UserError(f"{path} is not a nanoGPT checkpoint: expected a dict with 'model' (a state dict) and "
@@ -311,7 +413,7 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     local_meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
     if meta_path is not None or os.path.exists(local_meta):
-        meta = _read_meta(meta_path or local_meta)
+        meta = _read_meta(meta_path or local_meta, option=meta_path is not None)
         tok = tokenizers.CharTokenizer("".join(meta["itos"][i] for i in range(meta["vocab_size"])))
     elif c.vocab_size >= GPT2_VOCAB:
         tok = tokenizers.gpt2()
