@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gptjax import model
 from gptjax.config import ModelConfig
@@ -147,6 +148,40 @@ def test_custom_linear_gradient_matches_autodiff():
     _, vjp_ref = jax.vjp(lambda a, b: a @ b, x, w)
     for a, b in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_its_definition_on_every_path():
+    """CausalSelfAttention on the einsum and xla paths, and through the KV cache (5 tokens, then 11 more at pos 5),
+    against softmax(q·kᵀ / √head_size, causal)·v and c_proj in float64 numpy. At the init's weights the scores are
+    ~0 and a wrong scale barely shows; at 15x the weights (plus 0.1, so the biases count) they span units."""
+    c = dataclasses.replace(CFG, bias=True)
+    B, T, D, H = 2, c.block_size, c.n_embd, c.n_head
+    K = D // H
+    x = np.random.default_rng(0).standard_normal((B, T, D)).astype(np.float32)
+
+    def definition(w):
+        qkv = x.astype(np.float64) @ w["c_attn.weight"] + w["c_attn.bias"]
+        q, k, v = (qkv[..., i * D:(i + 1) * D].reshape(B, T, H, K) for i in range(3))
+        att = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
+        att = np.exp(np.where(np.tril(np.ones((T, T), bool)), att - att.max(-1, keepdims=True), -np.inf))
+        y = np.einsum("bhts,bshk->bthk", att / att.sum(-1, keepdims=True), v).reshape(B, T, D)
+        return y @ w["c_proj.weight"] + w["c_proj.bias"]
+
+    def forward(graphdef, state, cached: bool):
+        attn = nnx.merge(graphdef, state)
+        if not cached:
+            return attn(jnp.asarray(x))
+        y1, kv = attn(jnp.asarray(x[:, :5]), kv=(jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K))), pos=0)
+        return jnp.concatenate([y1, attn(jnp.asarray(x[:, 5:]), kv=kv, pos=5)[0]], axis=1)
+
+    for attention, cached in (("einsum", False), ("xla", False), ("einsum", True)):
+        compute = model.Compute(attention=attention)
+        graphdef, state = nnx.split(model.CausalSelfAttention(c, nnx.Rngs(params=0), compute))
+        state = jax.tree.map(lambda w: 15 * w + 0.1, state)
+        want = definition({k: np.asarray(v, np.float64) for k, v in model.param_names(state).items()})
+        got = np.asarray(jax.jit(forward, static_argnums=(0, 2))(graphdef, state, cached))
+        # measured 2e-6 on outputs up to 7; a scale off by sqrt(2), on any one path, moves them by 0.7
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{attention}, cached={cached}")
 
 
 def test_dropout_only_with_a_key():

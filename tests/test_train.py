@@ -113,6 +113,20 @@ def test_train_step_compiles_once():
     assert step._cache_size() == 1
 
 
+def test_dropout_masks_change_with_the_step():
+    """The same params and batch at step 0 and at step 1 draw other dropout masks (the step's key folds in
+    state.step), so the losses differ; without dropout they are equal, so the difference is the masks'."""
+    x, y = _batch()
+    losses = {}
+    for rate in (0.0, 0.1):
+        _, params, tx, step = _setup(mcfg=dataclasses.replace(MCFG, n_layer=1, dropout=rate))
+        for at in (0, 1):  # the step donates its state: a fresh copy each call
+            state = init_state(jax.tree.map(jnp.copy, params), tx)._replace(step=jnp.asarray(at, jnp.int32))
+            losses[rate, at] = float(step(state, x, y, jax.random.PRNGKey(0))[1]["loss"])
+    assert losses[0.0, 0] == losses[0.0, 1], losses
+    assert abs(losses[0.1, 0] - losses[0.1, 1]) > 1e-4, losses  # measured 6e-3; one key for both steps gives 0
+
+
 def test_gradient_accumulation_equals_the_big_batch():
     t1 = TrainConfig(max_iters=10, warmup_iters=0, lr_decay_iters=10, batch_size=8)
     t2 = dataclasses.replace(t1, batch_size=4, gradient_accumulation_steps=2)
