@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from gptjax import parallel
 from gptjax.errors import UserError
 
-_NAME = re.compile(r"^(step|best)_(\d{8,})$")
+NAME = re.compile(r"^(step|best)_(\d{8,})$")  # a committed checkpoint
 MANIFEST = "gptjax_manifest.json"  # every file of the checkpoint with its size and CRC-32, written last
 
 
@@ -42,7 +42,7 @@ def _committed(out_dir: str, kind: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(r):
-        m = _NAME.match(name)
+        m = NAME.match(name)
         if m and m.group(1) == kind and os.path.isdir(os.path.join(r, name)):
             found.append((int(m.group(2)), os.path.join(r, name)))
     return sorted(found)

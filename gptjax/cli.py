@@ -90,11 +90,11 @@ OPTIONS = {
     "bench": {
         **CONFIG_OPTION,
         "modes": ("M1,M2,...", "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast",
-                  "the modes to time (torch_* need the torch extra)"),
+                  "the modes to time (without torch installed, the jax_* ones)"),
         "workload": ("train|forward|generate", "train", "what each call runs"),
         "sampler": ("kv,reforward", "kv,reforward", "--workload=generate: the samplers to time"),
         "steps": ("N", 20, "timed calls per repeat"),
-        "eager_steps": ("N", 3, "timed calls per repeat for jax_eager"),
+        "eager_steps": ("N", 3, "timed calls per repeat for jax_eager (at most --steps unless given)"),
         "warmup": ("N", 2, "untimed calls after the first"),
         "repeats": ("R", 5, "timed repeats per round"),
         "rounds": ("R", 1, "the modes run R times in turn, their repeats pooled"),
@@ -385,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status. Without argv (the `gptjax` program itself) a failed command ends the
     process at once: a library's worker thread stuck on a failed write must not keep it alive."""
     if argv is None:
-        code = main(sys.argv[1:])
+        try:
+            code = main(sys.argv[1:])
+        except Exception:  # a bug: its traceback, then out at once, as for any failure
+            import traceback
+
+            traceback.print_exc()
+            code = 1
         if code:
             sys.stdout.flush()
             sys.stderr.flush()

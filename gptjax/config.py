@@ -395,6 +395,8 @@ def descriptions() -> dict[str, str]:
 def describe_value(key: str, typ: type, default) -> str:
     """`[TYPE, default D, range or choices]` as help shows it (the range from RANGES, the choices from CHOICES)."""
     facts = [typ.__name__, f"default {default!r}" if isinstance(default, str) else f"default {default}"]
+    if key in RANGES and not _in_range(key, default):
+        facts[1] = "unset by default"  # a sentinel: the option is not in use unless given
     if key in RANGES:
         lo, hi, lo_open, hi_open = RANGES[key]
         bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
@@ -405,13 +407,21 @@ def describe_value(key: str, typ: type, default) -> str:
     return f"[{', '.join(facts)}]"
 
 
+def _in_range(key: str, value) -> bool:
+    try:
+        check_range(key, value)
+    except (UserError, TypeError):
+        return False
+    return True
+
+
 def help_line(name: str, note: str, facts: str) -> str:
     return f"  --{name:<32} {note} {facts}".rstrip()
 
 
 def help_text(config: Config, preset: str) -> str:
-    """Every config key by section: its field's comment, type, the value under `preset` (with the overrides given),
-    range or choices."""
+    """Every config key by section: its field's comment, type, its value in `config` (the preset's), range or
+    choices."""
     notes, types = descriptions(), field_types()
     lines = [f"config keys, --key=value (defaults: {preset}):"]
     for section in SECTIONS:

@@ -157,7 +157,7 @@ def cache_problem(out: str) -> str | None:
         if size != want:
             return f"{split}.bin has {size:,} bytes where its meta gives {want:,}"
     try:
-        vocab = tokenizers.load(os.path.join(out, "tokenizer.json")).vocab_size
+        vocab = tokenizers.saved_vocab_size(os.path.join(out, "tokenizer.json"))
     except UserError:
         return "tokenizer.json is missing or unreadable"
     if vocab != meta["vocab_size"]:
@@ -167,8 +167,8 @@ def cache_problem(out: str) -> str | None:
 
 def _discard(out: str) -> None:
     """Move a damaged cache out of its name at once (another process may prepare it meanwhile), then delete it."""
-    gone = tempfile.mkdtemp(prefix=".damaged-", dir=os.path.dirname(out))
     try:
+        gone = tempfile.mkdtemp(prefix=".damaged-", dir=os.path.dirname(out))
         os.rename(out, os.path.join(gone, "cache"))
     except FileNotFoundError:  # another process discarded it first
         pass

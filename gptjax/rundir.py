@@ -104,9 +104,14 @@ def check_out_dir(out: str) -> None:
         raise UserError(f"--out_dir={out}: {parent} is not writable; pick a directory you can write to")
 
 
+def holds_run(out: str) -> bool:
+    """out holds a run's files (data.json alone, a name other tools use too, does not make one)."""
+    return any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES if f != "data.json")
+
+
 def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> None:
     """Refuse a directory that holds a run, unless force: then (if remove) its run files are removed."""
-    if any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
+    if holds_run(out):
         if not force:
             raise UserError(f"{out} already holds a run: {advice}")
         if remove:
@@ -131,19 +136,71 @@ def check_replaceable(out: str) -> None:
                         "--out_dir") from None
 
 
-def remove_run_files(out: str) -> None:
-    """Delete the files a run writes in out (its lock file stays). A `checkpoints` that is a link (to a scratch disk)
-    stays a link: the checkpoints in the directory it points to are removed."""
+def _owned(name: str) -> bool:
+    """A name gptjax writes in a checkpoints directory: a checkpoint, or a save or removal in progress."""
+    return bool(checkpoint.NAME.match(name)) or name.startswith(".tmp_")
+
+
+def _run_entries(out: str) -> list[str]:
+    """The paths a run has in out: its files, and its checkpoints, which a `checkpoints` link (to a scratch disk)
+    points to; the link itself stays, and so does anything else in the directory it points to."""
+    found = []
     for f in RUN_FILES:
         p = os.path.join(out, f)
-        if os.path.islink(p) and os.path.isdir(p):
-            for name in os.listdir(p):
-                q = os.path.join(p, name)
-                shutil.rmtree(q) if os.path.isdir(q) and not os.path.islink(q) else os.remove(q)
-        elif os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
+        if f == "checkpoints" and os.path.islink(p) and os.path.isdir(p):
+            found += [os.path.join(p, name) for name in sorted(os.listdir(p)) if _owned(name)]
         elif os.path.lexists(p):
-            os.remove(p)
+            found.append(p)
+    return found
+
+
+def _delete(p: str) -> None:
+    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+
+def remove_run_files(out: str) -> None:
+    """Delete the files a run writes in out (its lock file stays), checkpoints first, so that a deletion cut short
+    never leaves checkpoints without their config.json."""
+    for p in sorted(_run_entries(out), key=lambda p: "checkpoints" not in p):
+        _delete(p)
+
+
+ASIDE = ".gptjax-replaced"  # where --force keeps the run it replaces until the new one saves a checkpoint
+
+
+def set_aside(out: str) -> list[tuple[str, str]]:
+    """Move the run in out out of the way (renames, within its filesystem): into OUT/.gptjax-replaced, and a
+    `checkpoints` link's checkpoints into a .gptjax-replaced beside them. Returns the (from, to) moves, for
+    put_back or drop_aside. A move that fails puts back the ones made and is one UserError."""
+    moves = []
+    try:
+        for p in _run_entries(out):
+            aside = os.path.join(os.path.dirname(p), ASIDE)
+            if not moves or os.path.dirname(moves[-1][1]) != aside:
+                if os.path.lexists(aside):  # left by a replacement that died before its first checkpoint
+                    _delete(aside)
+                os.makedirs(aside)
+            moves.append((p, os.path.join(aside, os.path.basename(p))))
+            os.rename(*moves[-1])
+    except OSError as e:
+        put_back(moves[:-1] if moves and not os.path.lexists(moves[-1][1]) else moves)
+        raise UserError(f"cannot move the run in {out} aside to replace it ({e.strerror}: {e.filename}); it is "
+                        "left as it was") from None
+    return moves
+
+
+def put_back(moves: list[tuple[str, str]]) -> None:
+    """Undo set_aside: the replaced run returns as it was (the new run's files must be gone first)."""
+    for src, dst in reversed(moves):
+        os.rename(dst, src)
+    for aside in {os.path.dirname(dst) for _, dst in moves}:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def drop_aside(moves: list[tuple[str, str]]) -> None:
+    """The new run has saved a checkpoint: the replaced one is deleted."""
+    for aside in {os.path.dirname(dst) for _, dst in moves}:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -236,6 +293,9 @@ def check_corpus(out_dir: str, prep: data.Prepared) -> None:
         raise UserError(f"{path} is not a readable record of the run's corpus ({type(e).__name__}); restore it, or "
                         "delete it to skip this check") from None
     now = prep.meta["corpus_sha256"]
+    if not isinstance(then, str):
+        raise UserError(f"{path} is not a readable record of the run's corpus (its corpus_sha256 is {then!r}); "
+                        "restore it, or delete it to skip this check")
     if then != now:
         raise UserError(f"the corpus {prep.meta['corpus']} has changed since {out_dir} was trained on it (sha256 "
                         f"{then[:12]}... then, {now[:12]}... now): pass the text it was trained on with --input=PATH, "

@@ -65,6 +65,7 @@ class TiktokenTokenizer:
 
 
 Tokenizer = CharTokenizer | TiktokenTokenizer
+GPT2_VOCAB = 50257  # r50k_base's ranks and <|endoftext|>
 
 
 def gpt2() -> TiktokenTokenizer:
@@ -167,6 +168,23 @@ def from_json(d: dict) -> Tokenizer:
         return gpt2()
     ranks = [base64.b64decode(r) for r in d["ranks"]]
     return TiktokenTokenizer(f"bpe:{len(ranks)}", _bpe_encoding(f"bpe{len(ranks)}", ranks, d["pat_str"]))
+
+
+def saved_vocab_size(path: str) -> int:
+    """The vocabulary size of the tokenizer saved at path, read from the file alone (building a gpt2 one would need
+    tiktoken's ranks, which an offline machine may lack); a UserError if it is not a saved tokenizer."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        kind = d["kind"]
+        if kind == "gpt2":
+            return GPT2_VOCAB
+        items = d["chars"] if kind == "char" else d["ranks"] if kind == "bpe" else None
+        if not isinstance(items, (str, list)):
+            raise ValueError(f"kind {kind!r}")
+        return len(items)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a gptjax tokenizer ({type(e).__name__})") from None
 
 
 def save(tok: Tokenizer, path: str) -> None:

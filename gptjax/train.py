@@ -147,7 +147,9 @@ def _prepare_out_dir(config: Config, force: bool) -> Config | None:
     out = config.train.out_dir
     rundir.check_out_dir(out)
     checkpoint.check_root(out)
+    rundir.check_replaceable(out)
     if config.train.init_from == "resume":
+        rundir.read_metrics(os.path.join(out, "metrics.jsonl"))  # a line that is not a row: refused before any work
         return _run_to_resume(out)
     rundir.claim_out_dir(out, force, "continue it with --init_from=resume, pick another --out_dir, or pass --force "
                   "to replace it", remove=False)
@@ -185,7 +187,10 @@ class _StopOnSignal:
 
 
 def _expected_failure(e: BaseException, out: str) -> UserError | None:
-    """A UserError for a failure of the machine rather than of gptjax: memory (host or device) or writing the run."""
+    """A UserError for a failure of the machine rather than of gptjax: memory (host or device) or writing the run.
+    (A UserError or Stopped already says what it is.)"""
+    if isinstance(e, (UserError, Stopped)):
+        return None
     if isinstance(e, MemoryError) or (isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)):
         return UserError("out of memory: lower --batch_size (or raise --gradient_accumulation_steps to keep the "
                          "tokens per step), --block_size, --n_embd or --n_layer")
@@ -209,7 +214,7 @@ def _write_error(e: BaseException | None) -> OSError | None:
         m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)(?::\s*'([^']*)')?", str(e))
         if m and int(m.group(1)) in WRITE_ERRNOS:
             return OSError(int(m.group(1)), m.group(2).strip(), m.group(3))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return None
 
 
@@ -297,13 +302,18 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     out = config.train.out_dir
     made_dir = not os.path.exists(out)
     begun = []  # set once the new run writes its files: until then an old run that --force replaces is untouched
+    aside = []  # the replaced run's moves (rundir.set_aside), until the new run has saved a checkpoint
     with rundir.run_lock(out) if lead else contextlib.nullcontext():
         try:
-            return _train(config, saved, t0, progress and lead, replace=saved is None and force, begun=begun)
+            return _train(config, saved, t0, progress and lead, replace=saved is None and force, begun=begun,
+                          aside=aside)
         except BaseException as e:
             if lead and saved is None and not checkpoint.steps(out):  # a fresh run with nothing worth keeping
                 if begun:
                     rundir.remove_run_files(out)
+                if aside:  # the run --force was to replace comes back as it was
+                    with contextlib.suppress(OSError):
+                        rundir.put_back(aside)
                 if made_dir:
                     shutil.rmtree(out, ignore_errors=True)
             expected = _expected_failure(e, out)
@@ -313,9 +323,16 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
 
 
 def _train(config: Config, saved: Config | None, t0: float, progress: bool, replace: bool = False,
-           begun: list | None = None) -> dict:
-    """train()'s work. replace: remove the old run's files in out_dir, once every check has passed and just before
-    the new run writes its own; `begun` gets an entry at that moment."""
+           begun: list | None = None, aside: list | None = None) -> dict:
+    """train()'s work. replace: move the old run's files in out_dir aside (into `aside`), once every check has passed
+    and just before the new run writes its own (`begun` gets an entry then); they are deleted when the new run has
+    saved its first checkpoint, or when it ends."""
+    aside = [] if aside is None else aside
+
+    def drop_aside():
+        if aside:
+            rundir.drop_aside(aside)
+            aside.clear()
     from tqdm import tqdm
 
     if saved is not None:  # resume: the run's own model and data (or --input's copy of it); this invocation's training
@@ -341,9 +358,8 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool, repl
             print(f"resume: {out} has no checkpoint yet; starting its run over from step 0 with its saved settings")
     start = int(state.step)
     if lead:
-        rundir.check_replaceable(out)
         if replace:
-            rundir.remove_run_files(out)
+            aside.extend(rundir.set_aside(out))
         if begun is not None:
             begun.append(True)
         rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), start)
@@ -396,6 +412,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool, repl
                     jax.block_until_ready(state)
                     if step > saved_step:
                         checkpoint.save(out, step, layout.canonical(state), keep=t.keep_checkpoints)
+                        drop_aside()
                     where = checkpoint.resolve(out, "latest") or "nothing (no step finished)"
                     raise Stopped(f"{signal.Signals(stop.signum).name} at step {step}: saved {where}; continue with "
                                   f"gptjax train --init_from=resume --out_dir={out}", 128 + stop.signum)
@@ -426,6 +443,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool, repl
                             canon = canon._replace(best_val_loss=best)
                             state = layout.place(canon)
                         checkpoint.save(out, step, canon, keep=t.keep_checkpoints, best=improved)
+                        drop_aside()
                         saved_step = step
                     interval_start, interval_steps = time.perf_counter(), 0
                 if step == t.max_iters:
@@ -454,6 +472,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool, repl
     finally:
         bar.close()
     jax.block_until_ready(state)
+    drop_aside()
     wall = time.perf_counter() - t0
     if lead:
         rundir.plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
@@ -481,7 +500,8 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     rundir.check_tokenizer(out_dir, prep)
     tokens = prep.tokens(split)
     m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
-    batch_size = min(batch_size or config.train.batch_size, windows)  # more rows than windows would be padding
+    n = jax.device_count()  # more rows than windows would be padding: cap it, still dividing over the devices
+    batch_size = min(batch_size or config.train.batch_size, -(-windows // n) * n)
     # The split's inputs, targets and mask, and one batch's logits, log-sum-exp and activations, in float32.
     refuse_unless_fits(12 * len(tokens) + 4 * batch_size * m.block_size * (3 * m.vocab_size + 16 * m.n_embd),
                        f"eval over {len(tokens):,} tokens in batches of {batch_size:,} x {m.block_size}",

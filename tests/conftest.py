@@ -1,8 +1,10 @@
 """Shared fixtures: the data directory (GPTJAX_TEST_DATA), a per-session token cache, tiny configs."""
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -131,3 +133,48 @@ def digest(root) -> dict[str, str]:
                 with open(p, "rb") as f:
                     out[rel] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def damage_run(out, what):
+    """Damage the run in out as RUN_DAMAGE's `what` names."""
+    if what == "config_list":
+        (out / "config.json").write_text("[1, 2]")
+    elif what == "config_type":
+        c = json.loads((out / "config.json").read_text())
+        c["model"]["n_layer"] = "abc"
+        (out / "config.json").write_text(json.dumps(c))
+    elif what == "config_shape":
+        c = json.loads((out / "config.json").read_text())
+        c["model"]["n_embd"] = 64
+        (out / "config.json").write_text(json.dumps(c))
+    elif what == "metrics_row":
+        (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + "[1, 2]\n")
+    elif what == "tokenizer_missing":
+        os.remove(out / "tokenizer.json")
+    elif what == "tokenizer_corrupt":
+        (out / "tokenizer.json").write_text("{garbage")
+    elif what == "checkpoints_dangling":
+        shutil.rmtree(out / "checkpoints")
+        os.symlink(out.parent / "not-mounted", out / "checkpoints")
+
+
+ALL = ("sample", "eval", "export", "resume")
+DAMAGE = {  # what is damaged -> the commands that read it, and what their one line names
+    "config_list": dict.fromkeys(ALL, "config.json is not a readable gptjax run config"),
+    "config_type": dict.fromkeys(ALL, "model.n_layer is 'abc', not an int"),
+    "config_shape": dict.fromkeys(ALL, "holds another model than the run's config.json describes"),
+    "metrics_row": {"resume": "metrics.jsonl line 4 is not a metrics row"},
+    "tokenizer_missing": dict.fromkeys(("sample", "export"), "tokenizer.json is missing"),  # eval, resume: prep's
+    "tokenizer_corrupt": dict.fromkeys(ALL, "tokenizer.json is not a gptjax tokenizer"),
+    "checkpoints_dangling": dict.fromkeys(ALL, "which does not exist (a disk not mounted?)"),
+}
+
+
+CACHE_DAMAGE = {
+    "train.bin truncated": lambda d: os.truncate(d / "train.bin", os.path.getsize(d / "train.bin") // 2),
+    "train.bin an odd number of bytes": lambda d: os.truncate(d / "train.bin", os.path.getsize(d / "train.bin") - 1),
+    "train.bin deleted": lambda d: os.remove(d / "train.bin"),
+    "meta.json corrupt": lambda d: (d / "meta.json").write_text("{nope"),
+    "meta.json not an object": lambda d: (d / "meta.json").write_text("[1]"),
+    "tokenizer.json deleted": lambda d: os.remove(d / "tokenizer.json"),
+}

@@ -78,7 +78,7 @@ def test_results_json_schema(every_mode):
 def test_sweep_forward_records_every_point(tmp_path, shakespeare):
     # 50 independent forward calls: with them all in flight at once, XLA:CPU's all-reduce deadlocked jax_jit_dp.
     stdout, results = _bench(str(tmp_path), shakespeare, "--modes=torch_eager,jax_jit,jax_jit_dp", "--workload=forward",
-                             "--sweep=batch_size:1,4", "--steps=50", "--warmup=0", "--repeats=2")
+                             "--sweep=batch_size:1,4", "--steps=10", "--warmup=0", "--repeats=2")
     records = results["records"]
     assert [(r["point"]["batch_size"], r["mode"]) for r in records] == [
         (b, m) for b in (1, 4) for m in ("jax_jit", "torch_eager", "jax_jit_dp")]

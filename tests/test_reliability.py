@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import cli_run, digest, user_error
+from conftest import CACHE_DAMAGE, DAMAGE, cli_run, damage_run, digest, user_error
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def test_force_on_a_run_whose_checkpoints_are_a_link(capsys, trained, tmp_path, 
     scratch = tmp_path / "scratch"
     shutil.move(out / "checkpoints", scratch)
     os.symlink(scratch, out / "checkpoints")
+    (scratch / "notes.txt").write_text("the user's, not the run's")
     before, before_scratch = digest(out), digest(scratch)
     user_error(capsys, "train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={out}", "--force",
                "--mesh=dp:3")
@@ -49,47 +50,33 @@ def test_force_on_a_run_whose_checkpoints_are_a_link(capsys, trained, tmp_path, 
                 "--eval_interval=3", "--eval_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.islink(out / "checkpoints")
-    assert sorted(os.listdir(scratch)) == ["best_00000003", "step_00000003"]
+    assert sorted(os.listdir(scratch)) == ["best_00000003", "notes.txt", "step_00000003"]
+    assert not os.path.exists(out / ".gptjax-replaced")
 
 
-def _damage(out, what):
-    if what == "config_list":
-        (out / "config.json").write_text("[1, 2]")
-    elif what == "config_type":
-        c = json.loads((out / "config.json").read_text())
-        c["model"]["n_layer"] = "abc"
-        (out / "config.json").write_text(json.dumps(c))
-    elif what == "config_shape":
-        c = json.loads((out / "config.json").read_text())
-        c["model"]["n_embd"] = 64
-        (out / "config.json").write_text(json.dumps(c))
-    elif what == "metrics_row":
-        (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + "[1, 2]\n")
-    elif what == "tokenizer_missing":
-        os.remove(out / "tokenizer.json")
-    elif what == "tokenizer_corrupt":
-        (out / "tokenizer.json").write_text("{garbage")
-    elif what == "checkpoints_dangling":
-        shutil.rmtree(out / "checkpoints")
-        os.symlink(out.parent / "not-mounted", out / "checkpoints")
+def test_a_force_that_fails_before_its_first_checkpoint_puts_the_old_run_back(capsys, trained, tmp_path, shakespeare,
+                                                                             monkeypatch):
+    """Every check passed and the new run began (the old one moved aside), then it failed before saving anything:
+    the old run comes back byte for byte."""
+    from gptjax import train
 
+    out = _copy(trained, tmp_path)
+    before = digest(out)
 
-ALL = ("sample", "eval", "export", "resume")
-DAMAGE = {  # what is damaged -> the commands that read it, and what their one line names
-    "config_list": dict.fromkeys(ALL, "config.json is not a readable gptjax run config"),
-    "config_type": dict.fromkeys(ALL, "model.n_layer is 'abc', not an int"),
-    "config_shape": dict.fromkeys(ALL, "holds another model than the run's config.json describes"),
-    "metrics_row": {"resume": "metrics.jsonl line 4 is not a metrics row"},
-    "tokenizer_missing": dict.fromkeys(("sample", "export"), "tokenizer.json is missing"),  # eval, resume: prep's
-    "tokenizer_corrupt": dict.fromkeys(ALL, "tokenizer.json is not a gptjax tokenizer"),
-    "checkpoints_dangling": dict.fromkeys(ALL, "which does not exist (a disk not mounted?)"),
-}
+    def exhausted(*args, **kwargs):
+        assert os.path.exists(out / ".gptjax-replaced")  # the new run had begun
+        raise MemoryError
+
+    monkeypatch.setattr(train, "make_train_step", exhausted)
+    assert "out of memory" in user_error(capsys, "train", "--config=tiny", f"--input={shakespeare}",
+                                         f"--out_dir={out}", "--force")
+    assert digest(out) == before
 
 
 @pytest.mark.parametrize("what", list(DAMAGE))
 def test_damaged_run_files_are_one_line_and_change_nothing(capsys, trained, tmp_path, what):
     out = _copy(trained, tmp_path)
-    _damage(out, what)
+    damage_run(out, what)
     before = digest(tmp_path)
     argv = {"sample": ["sample", f"--out_dir={out}", "--max_new_tokens=3"], "eval": ["eval", f"--out_dir={out}"],
             "export": ["export", f"--out_dir={out}", "--to=nanogpt", tmp_path / "nano" / "ckpt.pt"],
@@ -120,18 +107,9 @@ def test_checkpoints_on_a_read_only_mount_exit_at_once_with_one_line(trained, tm
     os.symlink(read_only_dir, out / "checkpoints")
     before = digest(out)
     r = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=6", timeout=60)
-    assert r.returncode == 2 and "Read-only file system" in error_line(r.stderr), r.stderr[-2000:]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot write checkpoints in" in error_line(r.stderr) and "Read-only file system" in r.stderr
     assert digest(out) == before
-
-
-CACHE_DAMAGE = {
-    "train.bin truncated": lambda d: os.truncate(d / "train.bin", os.path.getsize(d / "train.bin") // 2),
-    "train.bin an odd number of bytes": lambda d: os.truncate(d / "train.bin", os.path.getsize(d / "train.bin") - 1),
-    "train.bin deleted": lambda d: os.remove(d / "train.bin"),
-    "meta.json corrupt": lambda d: (d / "meta.json").write_text("{nope"),
-    "meta.json not an object": lambda d: (d / "meta.json").write_text("[1]"),
-    "tokenizer.json deleted": lambda d: os.remove(d / "tokenizer.json"),
-}
 
 
 def test_a_damaged_prepared_cache_is_named_and_rebuilt(capsys, tmp_path, shakespeare):

@@ -439,13 +439,20 @@ def import_nanogpt(path: str, out_dir: str, meta_path: str | None = None, force:
     _check_progress(path, ckpt)
     state = train_state_from_nanogpt(dict(ckpt, model=sd), config)  # every check before anything is written
     rundir.check_out_dir(out_dir)
+    checkpoint.check_root(out_dir)
+    rundir.check_replaceable(out_dir)
     rundir.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
     with rundir.run_lock(out_dir, "import"):
-        if force:
+        aside = rundir.set_aside(out_dir) if force else []  # the replaced run, until the new one is saved
+        try:
+            rundir.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+            tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
+            checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
+        except BaseException:
             rundir.remove_run_files(out_dir)
-        rundir.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
-        tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
-        checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
+            rundir.put_back(aside)
+            raise
+        rundir.drop_aside(aside)
     return config, state
 
 
