@@ -15,10 +15,14 @@ process killed at any moment leaves every committed checkpoint whole and the pre
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
+import threading
 import zlib
 
 import jax
@@ -86,13 +90,45 @@ def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> st
             if name.startswith(".tmp_"):
                 shutil.rmtree(os.path.join(r, name), ignore_errors=True)
     parallel.sync(f"gptjax-checkpoint-{step}-clean")
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet_on_failure(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
     if lead:
         _commit_all(out_dir, r, step, tmp, final, keep, best)
     parallel.sync(f"gptjax-checkpoint-{step}-committed")
     return final
+
+
+class _ThreadsHeld:
+    """sys.stderr for the main thread; what other threads write is held (or, once dropping, dropped)."""
+
+    def __init__(self, real):
+        self.real, self.held, self.dropping = real, io.StringIO(), False
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.real.write(text)
+        return len(text) if self.dropping else self.held.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """orbax's worker threads print pages of tracebacks ("Event loop is closed") when a save fails, a full disk say,
+    some of them after the failure has reached the caller: hold what other threads write to sys.stderr during the
+    save; pass it on if the save succeeds; if it fails, drop it, and what they write from then on (the caller names
+    the failure in one line)."""
+    real = sys.stderr
+    sys.stderr = held = _ThreadsHeld(real)
+    try:
+        yield
+    except BaseException:
+        held.dropping = True
+        raise
+    sys.stderr = real
+    real.write(held.held.getvalue())
 
 
 def _commit_all(out_dir: str, r: str, step: int, tmp: str, final: str, keep: int, best: bool) -> None:

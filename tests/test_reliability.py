@@ -99,6 +99,32 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", str(d)], capture_output=True)
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB filesystem (a tmpfs): too small for one checkpoint of the tiny model."""
+    import subprocess
+
+    d = tmp_path / "full"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_a_disk_that_fills_inside_orbax_is_one_line(trained, tmp_path, full_disk):
+    """tensorstore reports the full disk in its own words ([os_error_code='28']), and orbax's threads print pages of
+    tracebacks as the save fails: the user sees one line, at once."""
+    from conftest import error_line, run_cli
+
+    out = _copy(trained, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    os.symlink(full_disk, out / "checkpoints")
+    r = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2", timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"cannot write the run in {out}: No space left on device" in error_line(r.stderr)
+
+
 def test_checkpoints_on_a_read_only_mount_exit_at_once_with_one_line(trained, tmp_path, read_only_dir):
     from conftest import error_line, run_cli
 
