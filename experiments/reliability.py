@@ -12,9 +12,8 @@ resume each time, and the comparison with an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,30 +21,25 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import BAR, CACHE_DAMAGE, DAMAGE, damage_run, digest  # noqa: E402
 from crashing import crash_and_resume, metrics  # noqa: E402
 
-BAR = re.compile(r"\|.*\d+/\d+ \[")
 
-
-def gptjax(*args, cwd=None, env=None):
+def gptjax(*args, cwd=None, env=None, timeout=600, cwd_deleted=False):
+    """`gptjax ARGS` in a subprocess: (result, seconds). cwd_deleted: run it from a directory removed under it."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True, cwd=cwd,
-                       env=dict(os.environ, **(env or {})), timeout=600)
+    argv = [sys.executable, "-m", "gptjax", *args]
+    if cwd_deleted:
+        import shlex
+
+        gone = tempfile.mkdtemp(prefix="gptjax-gone-")
+        argv = ["sh", "-c", f"cd {gone} && rmdir {gone} && exec {' '.join(map(shlex.quote, argv))}"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=dict(os.environ, **(env or {})),
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        r = subprocess.CompletedProcess(argv, "hung", e.stdout or "", f"(still running after {timeout} s: killed)")
     return r, time.perf_counter() - t
-
-
-def snapshot(root: str) -> dict[str, str]:
-    out = {}
-    for base, dirs, names in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(base, d), root)] = "directory"
-        for name in names:
-            p = os.path.join(base, name)
-            if name == ".gptjax.lock" or not os.path.isfile(p):
-                continue
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def fixtures(w: str, corpus: str) -> dict[str, str]:
@@ -106,7 +100,86 @@ def fixtures(w: str, corpus: str) -> dict[str, str]:
     os.makedirs(os.path.dirname(f["foreign_tmp"]))
     with open(f["foreign_tmp"], "w") as fh:
         fh.write("somebody else's file\n")
+    issue20_fixtures(f, text)
     return f
+
+
+def _mount_tmpfs(path: str, options: str) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True).returncode == 0
+
+
+def issue20_fixtures(f: dict, text: str) -> None:
+    """Runs to replace with --force (one whose checkpoints are a link), damaged copies of the run, a prepared cache
+    to damage, a corpus changed since its run, odd corpora, bad model factories, read-only and full mounts."""
+    import pathlib
+    import pickle
+    import shutil
+
+    w, run = f["w"], f["run"]
+
+    def copy(name):
+        shutil.copytree(run, os.path.join(w, name), symlinks=True)
+        return os.path.join(w, name)
+
+    f["force_run"] = copy("force_run")
+    f["linked"] = copy("linked")
+    shutil.move(os.path.join(f["linked"], "checkpoints"), os.path.join(w, "scratch"))
+    os.symlink(os.path.join(w, "scratch"), os.path.join(f["linked"], "checkpoints"))
+    for kind in DAMAGE:
+        f[f"dmg_{kind}"] = copy(f"dmg_{kind}")
+        damage_run(pathlib.Path(f[f"dmg_{kind}"]), kind)
+    f["cachedata"] = os.path.join(w, "cachedata")
+    r, _ = gptjax("prepare", "--config=tiny", f"--input={f['corpus']}", f"--data_dir={f['cachedata']}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    prepared = os.path.join(f["cachedata"], "prepared")
+    f["cache"] = os.path.join(prepared, os.listdir(prepared)[0])
+    f["changed_corpus"] = os.path.join(w, "changed.txt")
+    shutil.copy(f["corpus"], f["changed_corpus"])
+    f["changed_run"] = copy("changed_run")
+    config_path = os.path.join(f["changed_run"], "config.json")
+    config = json.loads(pathlib.Path(config_path).read_text())
+    config["data"]["input"] = f["changed_corpus"]
+    pathlib.Path(config_path).write_text(json.dumps(config))
+    with open(f["changed_corpus"], "a", encoding="utf-8") as fh:
+        fh.write("\u20ac")
+    f["one_char"] = os.path.join(w, "one_char.txt")
+    pathlib.Path(f["one_char"]).write_text("a")
+    f["bom"] = os.path.join(w, "bom.txt")
+    pathlib.Path(f["bom"]).write_text("\ufeff" + text[:100_000], encoding="utf-8")
+    f["mods"] = os.path.join(w, "mods")
+    os.makedirs(f["mods"])
+    pathlib.Path(f["mods"], "badfactories.py").write_text(
+        "def returns_none(config, rngs):\n    return None\n\n\ndef returns_int(config, rngs):\n    return 3\n\n\n"
+        "def raises(config, rngs):\n    return 1 / 0\n")
+    pathlib.Path(f["mods"], "syntaxerr.py").write_text("def make(config, rngs)\n    pass\n")
+    f["dir_pt"] = os.path.join(w, "dir.pt")
+    os.makedirs(f["dir_pt"])
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {w}/pwned",)
+
+    f["evil"] = os.path.join(w, "evil.pt")
+    with open(f["evil"], "wb") as fh:
+        pickle.dump({"model": RunsCode()}, fh)
+    f["ro"] = os.path.join(w, "ro")
+    f["ro_run"] = ""
+    if _mount_tmpfs(f["ro"], "ro"):
+        f["ro_run"] = copy("ro_run")
+        shutil.rmtree(os.path.join(f["ro_run"], "checkpoints"))
+        os.symlink(f["ro"], os.path.join(f["ro_run"], "checkpoints"))
+    f["full"] = os.path.join(w, "full")
+    f["full_run"] = ""
+    if _mount_tmpfs(f["full"], "size=64k"):
+        f["full_run"] = copy("full_run")
+        shutil.rmtree(os.path.join(f["full_run"], "checkpoints"))
+        os.symlink(f["full"], os.path.join(f["full_run"], "checkpoints"))
+
+
+def unmount(f: dict) -> None:
+    for key in ("ro", "full"):
+        subprocess.run(["umount", f[key]], capture_output=True)
 
 
 def cases(f: dict) -> list[tuple[str, list[str]]]:
@@ -188,7 +261,83 @@ def cases(f: dict) -> list[tuple[str, list[str]]]:
         ("import", ["--from=nanogpt", f["binary"], f"--out_dir={w}/imp5"]),
         ("import", ["--from=nanogpt", f["pt"]]),
         ("import", ["--from=nanogpt", f["pt"], f"--out_dir={run}"]),
-    ]
+    ] + issue20_cases(f)
+
+
+def issue20_cases(f: dict) -> list[tuple]:
+    """(command, args, extras): extras may hold env, timeout, setup (called first), cwd_deleted, section."""
+    c, run, w = f["corpus"], f["run"], f["w"]
+    tiny = ["--config=tiny", f"--input={c}"]
+    mods = {"env": {"PYTHONPATH": f["mods"]}}
+    out = []
+
+    def add(section, command, args, **extras):
+        out.append((command, args, {"section": section, **extras}))
+
+    for bad in ("--input=/no/such.txt", "--mesh=dp:3", "--attention=cudnn", "--block_size=2000000"):
+        add("data loss: --force with bad settings", "train", [*tiny, f"--out_dir={f['force_run']}", "--force", bad])
+    add("data loss: --force with bad settings", "train", [*tiny, f"--out_dir={f['linked']}", "--force",
+                                                         "--mesh=dp:3"])
+    for kind in CACHE_DAMAGE:
+        add(f"data loss: prepared cache, {kind}", "prepare",
+            ["--config=tiny", f"--input={c}", f"--data_dir={f['cachedata']}"],
+            setup=lambda kind=kind: CACHE_DAMAGE[kind](__import__("pathlib").Path(f["cache"])))
+    add("hang", "train", [*tiny, f"--out_dir={w}/dist", "--distributed",
+                          "--coordinator_address=no-such-host.invalid:1234", "--num_processes=1", "--process_id=0"],
+        timeout=120)
+    add("hang", "train", [*tiny, f"--out_dir={w}/dist", "--distributed", "--coordinator_address=127.0.0.1:23456",
+                          "--num_processes=2", "--process_id=0", "--distributed_timeout=5"], timeout=120)
+    add("hang", "train", [*tiny, f"--out_dir={w}/dist", "--distributed", "--coordinator_address=127.0.0.1:23457",
+                          "--num_processes=2", "--process_id=1", "--distributed_timeout=5"], timeout=120)
+    if f["ro_run"]:
+        add("hang", "train", ["--init_from=resume", f"--out_dir={f['ro_run']}", "--max_iters=40"], timeout=120)
+    add("hang", "sample", [f"--out_dir={run}", "--max_new_tokens=2147483647"], timeout=120)
+    for kind, commands in DAMAGE.items():
+        d = f[f"dmg_{kind}"]
+        argv = {"sample": ["sample", f"--out_dir={d}", "--max_new_tokens=3"], "eval": ["eval", f"--out_dir={d}"],
+                "export": ["export", f"--out_dir={d}", "--to=nanogpt", f"{w}/dmg_export/ckpt.pt"],
+                "resume": ["train", "--init_from=resume", f"--out_dir={d}", "--max_iters=40"]}
+        for command in commands:
+            add(f"run files: {kind}", argv[command][0], argv[command][1:])
+    for model in ("json:loads", "os:getcwd", ":f", "badfactories:returns_none", "badfactories:returns_int",
+                  "badfactories:raises", "syntaxerr:make"):
+        add("research API", "train", [*tiny, f"--out_dir={w}/model", f"--model={model}"], **mods)
+    add("memory", "sample", [f"--out_dir={run}", "--num_samples=2147483647"])
+    add("memory", "eval", [f"--out_dir={run}", "--batch_size=2147483647"])
+    add("memory", "bench", [*tiny, "--modes=jax_jit", "--steps=2147483647"])
+    add("memory", "bench", [*tiny, "--modes=jax_jit", "--repeats=2147483647"])
+    add("paths", "bench", [*tiny, "--modes=jax_jit", "--steps=2", f"--out={f['file']}/sub"])
+    add("paths", "bench", [*tiny, "--modes=jax_jit", "--steps=2", "--out=/proc/gptjax-bench"])
+    add("paths", "export", [f"--out_dir={run}", "--to=nanogpt", f["dir_pt"]])
+    add("paths", "export", [f"--out_dir={run}", "--to=nanogpt", f"{f['file']}/x.pt"])
+    add("paths", "export", [f"--out_dir={run}", "--to=nanogpt", "/proc/x.pt"])
+    if f["ro_run"]:
+        add("paths", "export", [f"--out_dir={run}", "--to=nanogpt", f"{f['ro']}/x.pt"])
+        add("paths", "bench", [*tiny, "--modes=jax_jit", "--steps=2", f"--out={f['ro']}/bench"])
+    add("paths", "eval", [f"--out_dir={run}"], cwd_deleted=True)
+    add("paths", "train", [*tiny, f"--out_dir={w}/dist", "--distributed", "--coordinator_address=127.0.0.1",
+                           "--num_processes=1", "--process_id=0"])
+    if f["full_run"]:
+        add("paths", "train", ["--init_from=resume", f"--out_dir={f['full_run']}", "--max_iters=40"], timeout=300)
+    add("silently wrong", "sample", [f"--out_dir={run}", "--temperature=1e-40", "--max_new_tokens=20"])
+    add("silently wrong", "train", [*tiny, f"--out_dir={w}/dist", "--distributed",
+                                    "--coordinator_address=127.0.0.1:99999", "--num_processes=1", "--process_id=0"])
+    add("silently wrong", "train", [*tiny, f"--out_dir={w}/np0", "--num_processes=0"])
+    add("silently wrong", "bench", [*tiny, "--mesh=dp:3", "--modes=jax_jit"])
+    add("silently wrong", "train", ["--init_from=resume", f"--out_dir={f['changed_run']}", "--max_iters=40"])
+    add("silently wrong", "eval", [f"--out_dir={f['changed_run']}"])
+    add("silently wrong", "prepare", [f"--input={f['one_char']}", f"--data_dir={w}/small"])
+    add("silently wrong", "prepare", [f"--input={f['bom']}", f"--data_dir={w}/small"])
+    add("silently wrong", "prepare", ["--config=tiny", f"--input={c}", "--data_dir=~/data"],
+        env={"HOME": f"{w}/home"})
+    add("silently wrong", "prepare", ["--config=tiny", f"--input={c}"], env={"HOME": "", "GPTJAX_DATA_DIR": ""})
+    add("silently wrong", "import", ["--from=nanogpt", f["dir_pt"], f"--out_dir={w}/imp6"])
+    add("silently wrong", "import", ["--from=nanogpt", f["evil"], f"--out_dir={w}/imp7"])
+    add("silently wrong", "import", ["--from=nanogpt", f["pt"], f"--meta={f['pt']}", f"--out_dir={w}/imp8"])
+    for command in ("prepare", "train", "sample", "eval", "bench", "export", "import"):
+        add("help", command, ["--help"])
+    add("help", "--version", [])
+    return out
 
 
 def shown(stderr: str) -> list[str]:
@@ -207,18 +356,31 @@ def main(argv=None) -> int:
     w = tempfile.mkdtemp(prefix="gptjax-rel-")
     f = fixtures(w, corpus)
     rows = []
-    for command, cargs in cases(f):
-        before = snapshot(w)
-        r, secs = gptjax(command, *cargs, cwd=w)
-        after = snapshot(w)
-        changed = sorted(k for k in before if after.get(k) != before[k])
-        created = sorted({k.split(os.sep)[0] for k in after if k not in before}) if r.returncode != 0 else []
-        lines = shown(r.stderr)
-        rows.append({"argv": " ".join([command, *cargs]).replace(w, "$W").replace(corpus, "$CORPUS"),
-                     "exit": r.returncode, "line": (lines[-1] if lines else "(nothing on stderr)").replace(w, "$W"),
-                     "lines": len(lines), "traceback": "Traceback" in r.stderr, "changed": changed, "created": created,
-                     "s": secs})
-        print(f"[{r.returncode}] {rows[-1]['argv'][:90]}\n    {rows[-1]['line'][:160]}", flush=True)
+    try:
+        for case in cases(f):
+            command, cargs, extras = (*case, {}) if len(case) == 2 else case
+            if "setup" in extras:
+                extras["setup"]()
+            before = digest(w)
+            r, secs = gptjax(command, *cargs, cwd=w, env=extras.get("env"), timeout=extras.get("timeout", 600),
+                             cwd_deleted=extras.get("cwd_deleted", False))
+            after = digest(w)
+            changed = sorted(k for k in before if after.get(k) != before[k])
+            created = sorted({k.split(os.sep)[0] for k in after if k not in before}) if r.returncode != 0 else []
+            lines = shown(r.stderr)
+            out_lines = [line for line in r.stdout.splitlines() if line.strip()]
+            shown_out = out_lines[0 if {"--help", "--version"} & {command, *cargs} else -1] if out_lines else ""
+            line = lines[-1] if lines else f"(stdout) {shown_out}" if shown_out else "(nothing on stderr)"
+            env = " ".join(f"{k}={v}" for k, v in (extras.get("env") or {}).items())
+            argv = (f"{env} " if env else "") + ("(cwd deleted) " if extras.get("cwd_deleted") else "") + \
+                " ".join(["gptjax", command, *cargs])
+            rows.append({"argv": argv.replace(w, "$W").replace(corpus, "$CORPUS"), "exit": r.returncode,
+                         "line": line.replace(w, "$W"), "lines": len(lines), "traceback": "Traceback" in r.stderr,
+                         "changed": changed, "created": created, "s": secs,
+                         "section": extras.get("section", "bad inputs before issue 20")})
+            print(f"[{r.returncode}] {rows[-1]['argv'][:90]}\n    {rows[-1]['line'][:160]}", flush=True)
+    finally:
+        unmount(f)
     crash_dir = os.path.join(w, "crashed")
     train_args = ["--config=tiny", f"--input={corpus}", "--max_iters=300", "--eval_interval=5", "--dropout=0.1"]
     straight = os.path.join(w, "straight")
@@ -269,7 +431,17 @@ def write(path, rows, log, same_metrics, weights, corpus) -> None:
         "export of the run (`$W/nano/ckpt.pt`), copies of it with edited fields, and the odd files named. "
         "`$CORPUS` is tiny Shakespeare. *Lines* counts what stderr showed besides the progress bar; *changed* "
         "lists files that existed before the command and differ after it; *left behind*, what a failed command "
-        "created.",
+        "created. Where nothing reached stderr, the first line of stdout is shown.",
+        "",
+        "Issue 20's cases follow the first table, one table per kind: `--force` on a run with bad new settings "
+        "(`$W/force_run`, and `$W/linked`, whose `checkpoints` is a link to `$W/scratch`), a prepared cache "
+        "damaged before each `prepare` (each is named on stderr and prepared again: exit 0, and the cache's files "
+        "change back), waits that used to hang, copies of the run with one file damaged (`$W/dmg_*`), `--model` "
+        "factories that are not ones (`$W/mods`), what cannot fit in memory, paths that cannot be written (`$W/ro` "
+        "is a read-only tmpfs, `$W/full` a 64 KiB one), inputs that used to give a silently wrong result, and "
+        "`--help`. The resume onto `$W/full` trains from step 0 (its checkpoints are on the empty disk), so as any "
+        "resume it rewrites config.json and metrics.jsonl, then fails at its first save with the one line; its "
+        "partial save in `$W/full` is removed by the next save: it is counted below though nothing was lost.",
         "",
         f"Commands that exited other than 0 or 2, printed a traceback or more than one line, or failed and changed "
         f"an existing file or left something behind: **{len(bad)}**. The commands that exit 0 are inputs that used "
@@ -277,15 +449,19 @@ def write(path, rows, log, same_metrics, weights, corpus) -> None:
         "character the vocabulary has; `export` beside somebody's `ckpt.pt.tmp` leaves that file alone; resuming a "
         "run whose best checkpoint is damaged goes on from its newest step checkpoint (and its new best replaces "
         "the damaged one).",
-        "",
-        "| # | command | exit | what the user sees (last stderr line) | lines | traceback | changed | left behind |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for i, r in enumerate(rows, 1):
-        line = r["line"].replace("|", "\\|")
-        lines.append(f"| {i} | `gptjax {r['argv']}` | {r['exit']} | {line} | {r['lines']} | "
-                     f"{'yes' if r['traceback'] else 'no'} | {_paths(r['changed'])} | "
-                     f"{', '.join(r['created']) or 'nothing'} |")
+    i = 0
+    for section in dict.fromkeys(r["section"] for r in rows):
+        lines += ["", f"### {section}", "",
+                  "| # | command | exit | what the user sees (last stderr line) | lines | traceback | changed | "
+                  "left behind |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in rows if r["section"] == section):
+            i += 1
+            line = r["line"].replace("|", "\\|")
+            argv = r["argv"].replace("|", "\\|")
+            lines.append(f"| {i} | `{argv}` | {r['exit']} | {line} | {r['lines']} | "
+                         f"{'yes' if r['traceback'] else 'no'} | {_paths(r['changed'])} | "
+                         f"{', '.join(r['created']) or 'nothing'} |")
     killed = [r for r in log if r["killed"]]
     lines += [
         "",

@@ -6,7 +6,7 @@ import shutil
 import typing
 
 import pytest
-from conftest import CACHE_DAMAGE, DAMAGE, damage_run, digest, error_line, run_cli
+from conftest import CACHE_DAMAGE, DAMAGE, cli_run, damage_run, digest, error_line
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -71,10 +71,15 @@ def workspace(tmp_path_factory, shakespeare):
     """A directory holding a trained run, its nanoGPT export, a copy of the corpus and its own prepared cache."""
     w = tmp_path_factory.mktemp("prop")
     shutil.copy(shakespeare, w / "input.txt")
-    r = run_cli("train", "--config=tiny", f"--input={w / 'input.txt'}", f"--out_dir={w / 'run'}", "--max_iters=4",
-                "--eval_interval=2", "--eval_iters=1", env={"GPTJAX_DATA_DIR": str(w / "data")})
+    data_dir = os.environ.get("GPTJAX_DATA_DIR")
+    os.environ["GPTJAX_DATA_DIR"] = str(w / "data")
+    try:
+        r = cli_run("train", "--config=tiny", f"--input={w / 'input.txt'}", f"--out_dir={w / 'run'}",
+                    "--max_iters=4", "--eval_interval=2", "--eval_iters=1")
+    finally:
+        os.environ["GPTJAX_DATA_DIR"] = data_dir
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("export", f"--out_dir={w / 'run'}", "--to=nanogpt", str(w / "nano" / "ckpt.pt"))
+    r = cli_run("export", f"--out_dir={w / 'run'}", "--to=nanogpt", str(w / "nano" / "ckpt.pt"))
     assert r.returncode == 0, r.stderr[-2000:]
     return w
 
