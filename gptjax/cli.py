@@ -399,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     import logging
 
-    logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs its threads' failures, which become our line
+    # orbax logs its threads' failures (through absl, and asyncio's "Task exception was never retrieved" when a save
+    # fails): the failure reaches the command, which names it in one line.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     parallel.use_all_cores()
     parallel.reuse_freed_memory()
     parallel.use_compilation_cache()

@@ -214,11 +214,11 @@ def _write_error(e: BaseException | None) -> OSError | None:
         m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)(?::\s*'([^']*)')?", str(e))
         if m and int(m.group(1)) in WRITE_ERRNOS:
             return OSError(int(m.group(1)), m.group(2).strip(), m.group(3))
-        # tensorstore's form: '... local file "PATH" ...: No space left on device [os_error_code='28']'
-        m = re.search(r"([^:]+)\s*\[os_error_code='(\d+)'\]", str(e))
-        if m and int(m.group(2)) in WRITE_ERRNOS:
+        # tensorstore's form: '... local file "PATH" ...: No space left on device ... [os_error_code='28'] ...'
+        m = re.search(r"\[os_error_code='(\d+)'\]", str(e))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
             where = re.search(r'local file "([^"]+)"', str(e))
-            return OSError(int(m.group(2)), m.group(1).strip(), where.group(1) if where else None)
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))), where.group(1) if where else None)
         e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return None
 
