@@ -410,8 +410,16 @@ def _paths(paths: list[str]) -> str:
     return ", ".join(short) or "nothing"
 
 
-def write(path, rows, log, same_metrics, weights, corpus) -> None:
+def _cpu() -> str:
+    """lscpu's model name, or the machine's architecture where it cannot be read."""
     import platform
+
+    r = subprocess.run(["lscpu"], capture_output=True, text=True)
+    model = [line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("Model name")]
+    return f"{model[0]}, {platform.machine()}" if model else platform.machine()
+
+
+def write(path, rows, log, same_metrics, weights, corpus) -> None:
 
     import jax
 
@@ -421,7 +429,7 @@ def write(path, rows, log, same_metrics, weights, corpus) -> None:
         "# Reliability: bad inputs and SIGKILL crashes",
         "",
         "Reproduce: `python experiments/reliability.py --input=PATH/tinyshakespeare/input.txt` "
-        f"(here `--input=../shared/data/tinyshakespeare/input.txt`; {platform.machine()}, jax {jax.__version__}, "
+        f"(here `--input=../shared/data/tinyshakespeare/input.txt`; {_cpu()}, jax {jax.__version__}, "
         f"{time.strftime('%Y-%m-%d')}).",
         "",
         f"## {len(rows)} bad or odd inputs",

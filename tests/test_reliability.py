@@ -86,30 +86,27 @@ def test_damaged_run_files_are_one_line_and_change_nothing(capsys, trained, tmp_
         assert digest(tmp_path) == before, (what, command)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """An empty read-only filesystem (a tmpfs mounted ro), as a run's checkpoints on a read-only mount."""
+def _tmpfs(path, options: str):
+    """A tmpfs mounted at path with `options` for the test, unmounted after; skipped where mount is refused."""
     import subprocess
 
-    d = tmp_path / "ro"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(d)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield d
-    subprocess.run(["umount", str(d)], capture_output=True)
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty read-only filesystem, as a run's checkpoints on a read-only mount."""
+    yield from _tmpfs(tmp_path / "ro", "ro")
 
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 64 KiB filesystem (a tmpfs): too small for one checkpoint of the tiny model."""
-    import subprocess
-
-    d = tmp_path / "full"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield d
-    subprocess.run(["umount", str(d)], capture_output=True)
+    """A 64 KiB filesystem: too small for one checkpoint of the tiny model."""
+    yield from _tmpfs(tmp_path / "full", "size=64k")
 
 
 def test_a_disk_that_fills_inside_orbax_is_one_line(trained, tmp_path, full_disk):
