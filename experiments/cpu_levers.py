@@ -37,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 from gptjax import data, model, parallel  # noqa: E402
 from gptjax.config import load_config  # noqa: E402
 from gptjax.optim import init_state  # noqa: E402
-from gptjax.train import make_train_step, setup  # noqa: E402
+from gptjax.evaluate import setup  # noqa: E402
+from gptjax.train import make_train_step  # noqa: E402
 
 
 def autodiff_layer_norm(self, x_BTD):

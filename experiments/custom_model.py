@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import model, research, sample, train
+from gptjax import evaluate, model, research, sample, train
 
 
 @model.register("one_head")  # now --model=one_head builds it; factory(config: ModelConfig, rngs) -> nnx.Module
@@ -34,7 +34,7 @@ def run(argv):
     config = research.make_config(opts, "bigram", model="one_head", n_embd=32, dropout=0.1, out_dir="out-one-head",
                                   max_iters=opts.pick(5000, 2000, 20), eval_interval=opts.pick(500, 500, 10))
     train.train(config, force=True)  # config.json, metrics.jsonl, checkpoints/, loss.png in out-one-head
-    print(train.evaluate(config.train.out_dir))  # exact loss over the whole val split, in nats and bits/char
+    print(evaluate.evaluate(config.train.out_dir))  # exact loss over the whole val split, in nats and bits/char
     print(sample.sample(config.train.out_dir, max_new_tokens=200)[0])
 
 

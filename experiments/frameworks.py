@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gptjax import data, model, optim, research, train  # noqa: E402
+from gptjax import data, evaluate, model, optim, research, train  # noqa: E402
 from gptjax.reference import convert, parity  # noqa: E402
 from gptjax.reference.nanogpt import configure_optimizers  # noqa: E402
 
@@ -80,8 +80,8 @@ def both(config, tokens, val_tokens, torch_optimizer) -> dict:
     _, r["loss_floor"], _ = parity.jax_steps(step_fn, optim.init_state(nudged, tx), tokens, config, 0, t.max_iters)
     final = convert.to_torch_state_dict(r["state"].params, c)
     r["params_diff"] = max(float((final[k] - p.detach()).abs().max()) for k, p in tm.state_dict().items())
-    x, y = train.eval_batches(val_tokens, t, c.block_size, "val", 0)
-    r["val_jax"] = float(train.make_estimate_loss(graphdef)(r["state"].params, x, y))
+    x, y = evaluate.eval_batches(val_tokens, t, c.block_size, "val", 0)
+    r["val_jax"] = float(evaluate.make_estimate_loss(graphdef)(r["state"].params, x, y))
     with torch.no_grad():
         r["val_torch"] = float(np.mean([tm(*(torch.from_numpy(np.asarray(a, np.int64)) for a in xy))[1].item()
                                         for xy in zip(x, y)]))

@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from gptjax import data, model, optim, parallel, train
+from gptjax import data, evaluate, model, optim, parallel, train
 from gptjax.cli import parse
 from gptjax.config import load_config
 
@@ -31,7 +31,7 @@ def main(argv):
     steps, top = int(opts.pop("steps", 30)), int(opts.pop("top", 25))
     use_mesh = opts.pop("mesh", "false") == "true"  # as train runs it: a 1-D data mesh and NamedShardings
     config = load_config(opts.pop("config", "shakespeare_char"), opts)
-    config, prep, graphdef, params, tx = train.setup(config)
+    config, prep, graphdef, params, tx = evaluate.setup(config)
     t, m = config.train, config.model
     compute = model.compute_of(config)
     mesh = parallel.data_mesh(t.batch_size) if use_mesh else None

@@ -226,14 +226,16 @@ def check_root(out_dir: str) -> None:
         raise UserError(f"{r} is a file, not a directory of checkpoints: move it away")
 
 
-def _shapes_differ(p: str, abstract) -> str | None:
-    """How the arrays saved in checkpoint p differ in shape from `abstract`'s, or None if they do not: checked
-    before orbax reads them, whose failure would come with pages of its threads' tracebacks."""
+def _shapes_differ(p: str, abstract, part: str | None = None) -> str | None:
+    """How the arrays saved in checkpoint p (its field `part` alone, if given) differ in shape from `abstract`'s, or
+    None if they do not: checked before orbax reads them, whose failure would come with pages of its threads'
+    tracebacks."""
     from collections import Counter
 
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(p)
-    saved = Counter(tuple(m.shape) for m in jax.tree.leaves(getattr(meta, "item_metadata", meta)))
+    meta = getattr(meta, "item_metadata", meta)
+    saved = Counter(tuple(m.shape) for m in jax.tree.leaves(meta[part] if part else meta))
     wanted = Counter(tuple(x.shape) for x in jax.tree.leaves(abstract))
     if saved == wanted:
         return None
@@ -243,8 +245,9 @@ def _shapes_differ(p: str, abstract) -> str | None:
     return f"it holds {sum(saved.values())} arrays where the settings give {sum(wanted.values())}"
 
 
-def restore(out_dir: str, which: str | int, like):
-    """The saved tree of checkpoint `which`, restored into the structure, shapes and dtypes of `like`."""
+def restore(out_dir: str, which: str | int, like, part: str | None = None):
+    """The saved tree of checkpoint `which`, restored into the structure, shapes, dtypes and layout of `like`;
+    with `part` (e.g. "params"), that field of the saved TrainState alone (the rest is not read)."""
     check_root(out_dir)
     p = resolve(out_dir, which)
     if p is None:
@@ -256,12 +259,18 @@ def restore(out_dir: str, which: str | int, like):
         raise damaged(out_dir, p, problem)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
-        differ = _shapes_differ(p, abstract)
+        differ = _shapes_differ(p, abstract, part)
         if differ:
             raise UserError(f"checkpoint {p} holds another model than the run's config.json describes ({differ}); "
                             "put config.json's model settings back as they were when it was saved")
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(p, abstract)
+        if part is None:
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(p, abstract)
+        wanted = {part: abstract}
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(p, args=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                partial_restore=True))[part]
     except (OSError, ValueError) as e:  # files that match the manifest but orbax cannot read
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         if "structure" in cause or "shape" in cause:

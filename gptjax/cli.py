@@ -206,13 +206,13 @@ def _distributed(opts) -> bool:
 
 
 def cmd_train(opts, pos):
-    from gptjax import checkpoint, sample, train
+    from gptjax import checkpoint, run, sample, train
 
     force = _opt(opts, "train", "force", bool)
     distributed = _distributed(opts)
     if opts.get("init_from") == "resume":  # the run's saved settings; only what is passed here changes
         preset = opts.pop("config", DEFAULT_CONFIG)
-        config, changes = train.resume_config(opts, _config({"config": preset}).train.out_dir)
+        config, changes = run.resume_config(opts, _config({"config": preset}).train.out_dir)
         print(f"resume: {config.train.out_dir}'s saved settings" + (f" (--config={preset} is not applied)"
               if preset != DEFAULT_CONFIG else "") + ("; changed: " + ", ".join(changes) if changes else ""))
     else:
@@ -262,7 +262,7 @@ def _checkpoint(opts) -> str | int:
 
 
 def cmd_eval(opts, pos):
-    from gptjax import train
+    from gptjax import evaluate
 
     _only(opts, tuple(OPTIONS["eval"]), "eval")
     out_dir = _opt(opts, "eval", "out_dir")
@@ -270,7 +270,7 @@ def cmd_eval(opts, pos):
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
     dtype = _choice(opts, "eval", "dtype")
-    r = train.evaluate(out_dir, split, _opt(opts, "eval", "batch_size", int), _opt(opts, "eval", "input"),
+    r = evaluate.evaluate(out_dir, split, _opt(opts, "eval", "batch_size", int), _opt(opts, "eval", "input"),
                        which=_checkpoint(opts), dtype=dtype, mesh=_opt(opts, "eval", "mesh"))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")

@@ -544,12 +544,17 @@ def init_cache(graphdef, params, batch_size: int):
     return nnx.merge(graphdef, params).init_cache(batch_size)
 
 
-def cross_entropy(logits_BTV, targets_BT):
-    """Mean next-token negative log-likelihood in nats, computed in float32."""
+def token_nll(logits_BTV, targets_BT):
+    """Each position's next-token negative log-likelihood in nats, computed in float32: [B, T]."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return (lse_BT - picked_BT).mean()
+    return lse_BT - picked_BT
+
+
+def cross_entropy(logits_BTV, targets_BT):
+    """Mean next-token negative log-likelihood in nats (the training loss)."""
+    return token_nll(logits_BTV, targets_BT).mean()
 
 
 def _name(path) -> str:

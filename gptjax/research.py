@@ -104,7 +104,7 @@ def train_seeds(config: config_lib.Config, seeds, split: str = "val", sample_tok
     final parameters over every next-token prediction of `split` (nats/token) and its bits per character, the
     metrics rows, and (if sample_tokens) a sample.
     """
-    from gptjax import sample, train
+    from gptjax import evaluate, sample, train
 
     rows = []
     for seed in seeds:
@@ -112,7 +112,7 @@ def train_seeds(config: config_lib.Config, seeds, split: str = "val", sample_tok
             cfg = config_lib.override(config, {"seed": seed, "out_dir": out})
             with contextlib.redirect_stdout(io.StringIO()):
                 summary = train.train(cfg, force=True, progress=False)
-                exact = train.evaluate(out, split, which="latest")
+                exact = evaluate.evaluate(out, split, which="latest")
                 text = sample.sample(out, max_new_tokens=sample_tokens, checkpoint="latest")[0] \
                     if sample_tokens else ""
             with open(os.path.join(out, "metrics.jsonl")) as f:

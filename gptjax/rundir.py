@@ -251,25 +251,35 @@ def plot_metrics(metrics_path: str, png: str) -> None:
 
 
 def load_run(out_dir: str, which: str | int = "best", **compute):
-    """(config, graphdef, params) of a trained run; `which` is best (else latest), latest, or a step.
+    """(config, graphdef, params) of a trained run, its parameters alone read from checkpoint `which`: best (else
+    latest), latest, or a step.
 
     compute: dtype/attention/scan_layers/remat overrides for the graphdef (default: float32, einsum attention,
     unrolled: the exact forward pass); the parameters are the same whatever they are."""
-    config, graphdef, state = load_state(out_dir, which, **compute)
-    return config, graphdef, state.params
+    config, graphdef, params = _model_of(out_dir, compute)
+    return config, graphdef, checkpoint.restore(out_dir, _checkpoint_name(out_dir, which), params, part="params")
 
 
 def load_state(out_dir: str, which: str | int = "best", **compute):
-    """(config, graphdef, TrainState) of a run, from checkpoint `which`: best (else latest), latest, or a step."""
+    """(config, graphdef, TrainState) of a run, AdamW moments included, from checkpoint `which` (as load_run's)."""
+    config, graphdef, params = _model_of(out_dir, compute)
+    like = init_state(params, make_optimizer(config.train, params))
+    return config, graphdef, checkpoint.restore(out_dir, _checkpoint_name(out_dir, which), like)
+
+
+def _model_of(out_dir: str, compute: dict):
+    """(config, graphdef, freshly initialised params) of the run in out_dir, its model run as `compute` says."""
     config = saved_config(out_dir)
     if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
     settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", **compute}
-    compute = model.compute_of(config, False, **settings)
-    graphdef, params = model.split(model.create(config.model, config.train.seed, compute))
-    tx = make_optimizer(config.train, params)
-    name = "latest" if which == "best" and not checkpoint.exists(out_dir, "best") else which
-    return config, graphdef, checkpoint.restore(out_dir, name, init_state(params, tx))
+    graphdef, params = model.split(model.create(config.model, config.train.seed,
+                                                model.compute_of(config, False, **settings)))
+    return config, graphdef, params
+
+
+def _checkpoint_name(out_dir: str, which: str | int) -> str | int:
+    return "latest" if which == "best" and not checkpoint.exists(out_dir, "best") else which
 
 
 def check_tokenizer(out_dir: str, prep: data.Prepared) -> None:

@@ -91,7 +91,7 @@ def check_memory(m, num_samples: int, length: int) -> None:
     """Refuse, before allocating, samples that cannot fit: per sample the token buffer (on the device, on the host
     and as Python ints to decode), the re-forward window's float32 logits, the KV cache and a block's
     activations."""
-    from gptjax.train import refuse_unless_fits
+    from gptjax.evaluate import refuse_unless_fits
 
     T, D = m.block_size, m.n_embd
     per_sample = 64 * max(length, T) + 8 * T * m.vocab_size + 8 * m.n_layer * T * D + 64 * T * D

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, rundir, tokenizers, train
+from gptjax import evaluate, model, rundir, tokenizers, train
 from gptjax.config import load_config
 
 
@@ -57,7 +57,7 @@ def test_eval_bits_per_char_is_its_definition(bpe_run):
     assert predicted_chars == len(val_text) - 4 and len(val_text.encode()) > len(val_text) > len(ids)
     nats = _nats(graphdef, params, ids, config.model.block_size)
 
-    r = train.evaluate(out, "val")
+    r = evaluate.evaluate(out, "val")
     assert r["tokens"] == len(ids) - 1
     assert r["chars"] == predicted_chars
     assert r["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from test_train import compile_log
 
-from gptjax import cli, model, rundir, sample, train
+from gptjax import cli, evaluate, model, rundir, sample, train
 from gptjax.config import ModelConfig, TrainConfig, override
 from gptjax.errors import UserError
 
@@ -27,7 +27,7 @@ def _batch(B=4, T=16, seed=0):
 def _loss_and_grads(compute: model.Compute, params, key):
     graphdef = model.graphdef_for(CFG, compute)
     x, y = _batch()
-    return jax.jit(jax.value_and_grad(lambda p: train.loss_fn(graphdef, p, x, y, key)))(params)
+    return jax.jit(jax.value_and_grad(lambda p: evaluate.loss_fn(graphdef, p, x, y, key)))(params)
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import cli_run, digest, user_error
 
-from gptjax import cli, data, model, rundir, train
+from gptjax import cli, data, evaluate, model, rundir
 from gptjax.config import ModelConfig
 from gptjax.reference import parity
 from gptjax.reference.nanogpt import GPT
@@ -80,7 +80,7 @@ def test_export_then_import_is_bit_exact(exported, tmp_path, shakespeare):
     s1, s2 = cli_run("sample", f"--out_dir={run}", *args), cli_run("sample", f"--out_dir={imported}", *args)
     assert s1.returncode == 0 and s1.stdout == s2.stdout
     # the import knows no corpus file: eval takes one, and gives the original run's exact loss
-    assert train.evaluate(imported, input_path=shakespeare)["loss"] == train.evaluate(run)["loss"]
+    assert evaluate.evaluate(imported, input_path=shakespeare)["loss"] == evaluate.evaluate(run)["loss"]
 
 
 def test_imported_run_resumes_like_the_original(exported, tmp_path, shakespeare):

@@ -169,13 +169,13 @@ def test_a_corpus_changed_since_the_run_was_trained_is_named(capsys, trained, tm
 
 
 def test_what_cannot_finish_or_fit_is_refused_up_front(capsys, trained, monkeypatch):
-    from gptjax import train
+    from gptjax import evaluate
 
     out = str(trained)
     for argv, needle in ((["--num_samples=2147483647"], "out of memory: 2,147,483,647 samples of"),
                          (["--max_new_tokens=2147483647"], "--max_new_tokens=2147483647 is out of range")):
         assert needle in user_error(capsys, "sample", f"--out_dir={out}", *argv)
-    monkeypatch.setattr(train, "_available_bytes", lambda: (None, 1 << 15))  # a host with 32 KiB free
+    monkeypatch.setattr(evaluate, "_available_bytes", lambda: (None, 1 << 15))  # a host with 32 KiB free
     assert "lower --batch_size" in user_error(capsys, "eval", f"--out_dir={out}", "--batch_size=64")
     assert "lower --num_samples or --max_new_tokens" in user_error(capsys, "sample", f"--out_dir={out}")
 

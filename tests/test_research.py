@@ -11,7 +11,7 @@ import pytest
 from conftest import user_error
 from flax import nnx
 
-from gptjax import checkpoint, cli, model, research, rundir, sample, train
+from gptjax import checkpoint, cli, evaluate, model, research, rundir, sample, train
 from gptjax.config import override
 from gptjax.errors import UserError
 
@@ -60,7 +60,7 @@ def test_custom_model_trains_resumes_exactly_evaluates_and_samples(tiny_config, 
         assert [json.loads(line)["step"] for line in f] == [0, 4, 8]
     assert os.path.exists(tmp_path / "b" / "loss.png")
 
-    result = train.evaluate(str(tmp_path / "b"), which="latest")
+    result = evaluate.evaluate(str(tmp_path / "b"), which="latest")
     assert 0 < result["loss"] < 4.17 and result["tokens"] == result["chars"]  # one char per token
     texts = sample.sample(str(tmp_path / "b"), start="ROMEO:", max_new_tokens=30, checkpoint="latest")
     assert texts[0].startswith("ROMEO:") and len(texts[0]) == 6 + 30

@@ -203,24 +203,24 @@ def test_fsdp_shards_parameters_and_adamw_moments():
 def test_the_memory_check_counts_a_devices_fsdp_shards(monkeypatch):
     """A model whose float32 weights, gradients and AdamW moments overflow one device is refused replicated (dp:8)
     and accepted when fsdp:8 leaves each device an eighth of its matrices."""
-    from gptjax import train
+    from gptjax import evaluate
     from gptjax.config import load_config
     from gptjax.errors import UserError
 
     config = load_config("tiny", {"vocab_size": 65, "n_embd": 256})  # 1.6M parameters: 26 MB of state
-    monkeypatch.setattr(train, "_available_bytes", lambda: (16 << 20, 1 << 40))  # a 16 MiB device
+    monkeypatch.setattr(evaluate, "_available_bytes", lambda: (16 << 20, 1 << 40))  # a 16 MiB device
     REPLICATED = r"1,594,880 parameters; they need 24\.3 MiB .* 16\.0 MiB is available: .* \(--mesh=fsdp:N\)"
     for mesh, fits in (("dp:8", False), ("dp:2,fsdp:4", True), ("fsdp:8", True), ("", False)):
         with_mesh = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh=mesh))
         if fits:
-            train.check_memory(with_mesh, n_devices=8)
+            evaluate.check_memory(with_mesh, n_devices=8)
         else:
             with pytest.raises(UserError, match=REPLICATED):
-                train.check_memory(with_mesh, n_devices=8)
-    monkeypatch.setattr(train, "_available_bytes", lambda: (2 << 20, 1 << 40))  # 2 MiB: too small even for a shard
+                evaluate.check_memory(with_mesh, n_devices=8)
+    monkeypatch.setattr(evaluate, "_available_bytes", lambda: (2 << 20, 1 << 40))  # 2 MiB: too small even for a shard
     fsdp8 = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh="fsdp:8"))
     with pytest.raises(UserError, match=r"a device's shards of them \(fsdp:8\) need 3\.\d MiB .* 2\.0 MiB is"):
-        train.check_memory(fsdp8, n_devices=8)
+        evaluate.check_memory(fsdp8, n_devices=8)
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 from conftest import cli_run, digest, run_cli, user_error
 from crashing import crash_and_resume, metrics
 
-from gptjax import checkpoint, cli, rundir, train
+from gptjax import checkpoint, cli, run, rundir, train
 from gptjax.errors import UserError
 
 
@@ -81,7 +81,7 @@ def test_interrupt_saves_the_step_reached_and_resume_finishes_the_run(tmp_path, 
 def test_the_first_signal_leaves_the_second_to_kill_at_once():
     """After the first SIGINT the loop is asked to stop, and SIGINT/SIGTERM are back to their default action, so a
     second one ends the process even while it waits inside a long device call."""
-    with train._StopOnSignal() as stop:
+    with run.StopOnSignal() as stop:
         assert signal.getsignal(signal.SIGINT) == stop._handle
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT

@@ -201,7 +201,7 @@ def test_train_writes_the_run(tiny_config, tmp_path):
 
 
 def test_exact_eval_covers_every_token():
-    from gptjax.train import exact_loss
+    from gptjax.evaluate import exact_loss
 
     graphdef, params = model.split(model.create(MCFG, 0))
     tokens = np.random.default_rng(0).integers(0, 29, 50).astype(np.uint16)

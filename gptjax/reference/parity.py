@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptjax import data, model, optim, sample, train
+from gptjax import data, evaluate, model, optim, sample, train
 from gptjax.config import Config, ModelConfig
 from gptjax.reference import convert
 from gptjax.reference.bigram import BigramLanguageModel
@@ -129,8 +129,8 @@ def train_both(config: Config, tokens, steps: int, tx=None, jax_model: ModelConf
            "loss": _curve_diff(loss_jax, loss_torch), "params": param_diff, "params_worst": worst,
            "final_params": state.params}
     if eval_tokens is not None:
-        x, y = train.eval_batches(eval_tokens, t, c.block_size, "val", 0)
-        out["eval_jax"] = float(train.make_estimate_loss(graphdef)(state.params, x, y))
+        x, y = evaluate.eval_batches(eval_tokens, t, c.block_size, "val", 0)
+        out["eval_jax"] = float(evaluate.make_estimate_loss(graphdef)(state.params, x, y))
         with torch.no_grad():
             out["eval_torch"] = float(np.mean([tm(_t(xb), _t(yb))[1].item() for xb, yb in zip(x, y)]))
     return out
