@@ -8,7 +8,8 @@ import os
 import pytest
 
 from gptjax import cli
-from gptjax.bench import preflight, runner, worker
+from gptjax.bench import preflight, runner, timing
+from gptjax.bench.protocol import Result
 from gptjax.config import load_config
 from gptjax.errors import UserError
 
@@ -36,15 +37,15 @@ class Clock:
 @pytest.mark.parametrize("sync_each", [False, True])
 def test_time_calls_gives_each_repeats_time_per_call(sync_each):
     clock = Clock(lambda i: (i + 1) / 64)  # call i takes (i + 1) / 64 s: binary fractions, so the figures are exact
-    first, runs, outs = worker.time_calls(clock.call, clock.sync, steps=4, warmup=2, repeats=3, sync_each=sync_each,
+    first, runs, outs = timing.time_calls(clock.call, clock.sync, steps=4, warmup=2, repeats=3, sync_each=sync_each,
                                           clock=clock)
-    n = worker.n_calls(4, 2, 3)
+    n = timing.n_calls(4, 2, 3)
     assert n == 15 and clock.calls == list(range(n)) and outs == [f"loss {i}" for i in range(n)]
     assert first == 1 / 64
     # calls 0, then 1-2 (warm-up, untimed), then 3-6, 7-10 and 11-14: each repeat's seconds over its 4 calls
     assert runs == [(4 + 5 + 6 + 7) / 64 / 4, (8 + 9 + 10 + 11) / 64 / 4, (12 + 13 + 14 + 15) / 64 / 4]
     # ... which the record gives in milliseconds per call
-    res = dict(_result("jax_jit", []), step_s_runs=runs, first_call_s=first, tokens_per_call=128)
+    res = Result(**dict(_result("jax_jit", []), step_s_runs=runs, first_call_s=first, tokens_per_call=128))
     rec = runner._record("jax_jit", None, runner.Options(steps=4, warmup=2, repeats=3), {}, load_config("tiny"), 1000,
                          res, None, None, {}, 4)
     runs_ms = [85.9375, 148.4375, 210.9375]
@@ -102,10 +103,10 @@ def test_batches_cover_the_mode_that_makes_the_most_calls(stub_modes):
     # jax_eager with more calls per repeat than the others (--eager_steps > --steps) has a batch for each of them
     runner.run(load_config("tiny"), runner.Options(modes=("jax_jit", "jax_eager"), steps=2, eager_steps=5, warmup=1,
                                                     repeats=2), command="test")
-    assert stub_modes["prepared"] == [worker.n_calls(5, 1, 2)]
+    assert stub_modes["prepared"] == [timing.n_calls(5, 1, 2)]
     # without jax_eager its steps make no calls
     assert preflight.calls_per_mode(runner.Options(modes=("jax_jit",), steps=2, eager_steps=5, warmup=1,
-                                                   repeats=2)) == worker.n_calls(2, 1, 2)
+                                                   repeats=2)) == timing.n_calls(2, 1, 2)
 
 
 @pytest.fixture
