@@ -63,7 +63,8 @@ def parse_options(opts: dict) -> Options:
     """Take bench's own options out of opts (the rest are config overrides); bad values are UserErrors."""
     table = modes.MODES
     installed = {m.package: util.find_spec(m.package) is not None for m in table.values() if m.package}
-    default = ",".join(n for n, m in table.items() if installed.get(m.package, True))  # named ones need it
+    # The default leaves out the modes whose package is missing; naming one of them is refused.
+    default = ",".join(n for n, m in table.items() if installed.get(m.package, True))
     names = tuple(m.strip() for m in opts.pop("modes", default).split(",") if m.strip())
     bad = [m for m in names if m not in table]
     if bad or not names:
