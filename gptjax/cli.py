@@ -7,6 +7,7 @@ import os
 import sys
 
 from gptjax import parallel
+from gptjax.args import parse
 from gptjax.errors import Stopped, UserError
 
 USAGE = """usage: gptjax COMMAND [--key=value ...]
@@ -119,20 +120,6 @@ RANGE_KEYS = {("eval", "batch_size"): "eval_batch_size", ("bench", "max_new_toke
               ("train", "distributed_timeout"): "distributed_timeout", ("train", "num_processes"): "num_processes",
               ("train", "process_id"): "process_id"}
 TAKES_CONFIG = ("prepare", "train", "bench")  # the commands that take --config and every config key
-
-
-def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    """--key=value pairs (a bare --flag is True) and positional arguments."""
-    opts, pos = {}, []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not key:
-                raise UserError(f"malformed argument {arg!r}: write --key=value")
-            opts[key] = value if eq else "true"
-        else:
-            pos.append(arg)
-    return opts, pos
 
 
 PATH_OPTIONS = ("out_dir", "input", "out", "meta")  # ~ expanded, as config.PATH_KEYS

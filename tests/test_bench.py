@@ -95,6 +95,7 @@ def test_bfloat16_modes_compute_in_it(every_mode, tmp_path, shakespeare):
 
 def test_record_reports_the_modes_dtype_and_its_mfu():
     from gptjax.bench import runner
+    from gptjax.bench.protocol import Result
     from gptjax.config import load_config
 
     config = load_config("tiny", {"dtype": "auto", "vocab_size": 65})
@@ -102,7 +103,7 @@ def test_record_reports_the_modes_dtype_and_its_mfu():
     res = {"step_s_runs": [0.01, 0.02, 0.03], "tokens_per_call": 128, "detail": "jax.jit", "dtype": "bfloat16",
            "device": "NVIDIA H100 80GB HBM3", "devices": 1, "threads": None, "versions": {}, "first_call_s": 1.0,
            "peak_mem_bytes": 1, "peak_mem_source": "x", "losses": [3.0]}
-    rec = runner._record("jax_jit", None, runner.Options(), {}, config, n, res, None, None, {}, 20)
+    rec = runner._record("jax_jit", None, runner.Options(), {}, config, n, Result(**res), None, None, {}, 20)
     assert rec["dtype"] == "bfloat16"  # as the mode resolved --dtype=auto on its device, not the config's "auto"
     assert rec["mfu"] == pytest.approx(flops.flops_per_token(c, n) * 128 / 0.02 / 989.4e12)  # bfloat16's peak
     failed = runner._record("jax_jit", None, runner.Options(), {}, config, n, None, "boom", None, {}, 20)

@@ -1,14 +1,19 @@
 """The benchmark harness without running a mode: the timing loop on a fake clock, the loss comparison on stubbed mode
 results, and what `gptjax bench` refuses before any mode runs (one line, exit 2, nothing left behind)."""
 
+import dataclasses
 import errno
 import json
 import os
+import subprocess
+import types
+from typing import ClassVar
 
 import pytest
 
-from gptjax import cli
-from gptjax.bench import preflight, runner, worker
+from gptjax import cli, parallel
+from gptjax.bench import modes, preflight, runner, timing, worker
+from gptjax.bench.protocol import Mode, Result
 from gptjax.config import load_config
 from gptjax.errors import UserError
 
@@ -36,15 +41,15 @@ class Clock:
 @pytest.mark.parametrize("sync_each", [False, True])
 def test_time_calls_gives_each_repeats_time_per_call(sync_each):
     clock = Clock(lambda i: (i + 1) / 64)  # call i takes (i + 1) / 64 s: binary fractions, so the figures are exact
-    first, runs, outs = worker.time_calls(clock.call, clock.sync, steps=4, warmup=2, repeats=3, sync_each=sync_each,
+    first, runs, outs = timing.time_calls(clock.call, clock.sync, steps=4, warmup=2, repeats=3, sync_each=sync_each,
                                           clock=clock)
-    n = worker.n_calls(4, 2, 3)
+    n = timing.n_calls(4, 2, 3)
     assert n == 15 and clock.calls == list(range(n)) and outs == [f"loss {i}" for i in range(n)]
     assert first == 1 / 64
     # calls 0, then 1-2 (warm-up, untimed), then 3-6, 7-10 and 11-14: each repeat's seconds over its 4 calls
     assert runs == [(4 + 5 + 6 + 7) / 64 / 4, (8 + 9 + 10 + 11) / 64 / 4, (12 + 13 + 14 + 15) / 64 / 4]
     # ... which the record gives in milliseconds per call
-    res = dict(_result("jax_jit", []), step_s_runs=runs, first_call_s=first, tokens_per_call=128)
+    res = Result(**dict(_result("jax_jit", []), step_s_runs=runs, first_call_s=first, tokens_per_call=128))
     rec = runner._record("jax_jit", None, runner.Options(steps=4, warmup=2, repeats=3), {}, load_config("tiny"), 1000,
                          res, None, None, {}, 4)
     runs_ms = [85.9375, 148.4375, 210.9375]
@@ -102,10 +107,51 @@ def test_batches_cover_the_mode_that_makes_the_most_calls(stub_modes):
     # jax_eager with more calls per repeat than the others (--eager_steps > --steps) has a batch for each of them
     runner.run(load_config("tiny"), runner.Options(modes=("jax_jit", "jax_eager"), steps=2, eager_steps=5, warmup=1,
                                                     repeats=2), command="test")
-    assert stub_modes["prepared"] == [worker.n_calls(5, 1, 2)]
+    assert stub_modes["prepared"] == [timing.n_calls(5, 1, 2)]
     # without jax_eager its steps make no calls
     assert preflight.calls_per_mode(runner.Options(modes=("jax_jit",), steps=2, eager_steps=5, warmup=1,
-                                                   repeats=2)) == worker.n_calls(2, 1, 2)
+                                                   repeats=2)) == timing.n_calls(2, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Canned(Mode):
+    """A family of its own that times nothing: fixed figures, losses and device."""
+
+    framework: ClassVar[str] = "canned"
+
+    def run(self, spec: dict) -> Result:
+        n = timing.n_calls(spec["steps"], spec["warmup"], spec["repeats"])
+        return Result(first_call_s=0.5, step_s_runs=[1 / 256] * spec["repeats"], tokens_per_call=64,
+                      losses=[3.0] * n, device="abacus", devices=1, dtype="float32", peak_mem_bytes=None,
+                      peak_mem_source=None, versions={"abacus": "1.0"}, threads=None, detail=f"{n} fixed calls")
+
+
+def test_a_new_mode_is_one_entry_in_the_table(monkeypatch, tmp_path, capsys):
+    # Put in the table and nowhere else, a mode is an option, runs through the worker's dispatch, takes the steps
+    # option it names, and is recorded, printed and written like any other.
+    monkeypatch.setitem(modes.MODES, "canned", Canned("canned", steps_option="eager_steps"))
+    monkeypatch.setenv(parallel.MALLOC_ENV, "default")  # the worker runs in this process: leave its malloc alone
+    monkeypatch.setattr(runner, "_prepare_point", lambda config, o, names, tmp, n: (config, {}, 1000))
+
+    def in_process(cmd, env, **kwargs):
+        assert cmd[1:3] == ["-m", "gptjax.bench.worker"]
+        return subprocess.CompletedProcess(cmd, worker.main(cmd[3:]), "", "")
+
+    monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(run=in_process))
+    assert runner.parse_options({}).modes[-1] == "canned"  # the default: every mode in the table
+    o = runner.parse_options({"modes": "canned", "steps": "5", "eager_steps": "2", "warmup": "1", "repeats": "3",
+                              "out": str(tmp_path)})
+    (rec,) = runner.run(load_config("tiny"), o, command="test")
+    assert rec["mode"] == "canned" and rec["error"] is None and rec["detail"] == "8 fixed calls"  # 1 + 1 + 3 x 2
+    assert rec["steps"] == 2 and rec["step_ms"]["runs"] == [1000 / 256] * 3 and rec["tokens_per_sec"] == 64 * 256
+    assert rec["device"] == "abacus" and rec["versions"]["abacus"] == "1.0" and rec["loss"] == 3.0
+    assert rec["peak_mem_source"] == "process peak RSS" and rec["peak_mem_bytes"] > 0 and rec["malloc"] == "default"
+    assert rec["loss_diff"] is None  # jax_jit, the baseline, did not run
+    assert "\ncanned        train    | 1 x abacus | first call 0.50 s | 3.91 ms/step" in capsys.readouterr().out
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["records"] == [rec]
+    assert "| canned | train | – | 1 × abacus | 0.50 s | 3.91 (3.91–3.91) | 16,384 | – |" in (
+        tmp_path / "results.md").read_text()
 
 
 @pytest.fixture

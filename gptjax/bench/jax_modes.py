@@ -4,32 +4,65 @@ runs it on a CPU host) and jax_eager (the same functions op by op under jax.disa
 from __future__ import annotations
 
 import contextlib
-from importlib import metadata
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from gptjax.bench.protocol import Mode, Result
+from gptjax.bench.timing import n_calls, time_calls
 
-from gptjax import model, optim, parallel, sample, train
-from gptjax.bench.worker import n_calls, time_calls
-from gptjax.config import Config
+if TYPE_CHECKING:
+    from gptjax import model
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxMode(Mode):
+    """gptjax's own functions under JAX: train's step, the eval loss, sample.generate."""
+
+    jit: bool = True  # False: op by op under jax.disable_jit()
+
+    framework: ClassVar[str] = "jax"
+
+    def run(self, spec: dict) -> Result:
+        return _run(self, spec)
+
+
+MODES = (
+    JaxMode("jax_jit", one_device=True),
+    JaxMode("jax_jit_dp", data_parallel=True),
+    JaxMode("jax_eager", one_device=True, jit=False, steps_option="eager_steps"),  # hundreds of times slower
+)
 
 
 def load_params(c, path: str, compute: model.Compute):
     """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree, and the
     graphdef that runs them as `compute` (parameters are float32 and per-layer whatever it is)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptjax import model
+
     like = model.abstract_params(c)
     with np.load(path) as f:
         named = {k: jnp.asarray(f[k]) for k in f.files}
     return model.graphdef_for(c, compute), model.params_from_names(like, named)
 
 
-def run(spec: dict) -> dict:
+def _run(mode: JaxMode, spec: dict) -> Result:
+    # The framework is imported in the mode's own process only: the runner reads the table without starting it.
+    from importlib import metadata
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptjax import model, optim, parallel, sample, train
+    from gptjax.config import Config
+
     config = Config.from_dict(spec["config"])
     c, t = config.model, config.train
-    mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
-    eager = mode == "jax_eager"
-    devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
+    workload, sampler = spec["workload"], spec.get("sampler")
+    eager = not mode.jit
+    devices = jax.devices() if mode.data_parallel else jax.devices()[:1]
     compute = model.compute_of(config) if c.model == "gpt" else model.Compute()
     graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
@@ -37,10 +70,10 @@ def run(spec: dict) -> dict:
     A, B, T = x_NABT.shape[1:]
     pending, param_bytes = {}, None
 
-    impl = t.step_impl if mode == "jax_jit_dp" else "sharded"
+    impl = t.step_impl if mode.data_parallel else "sharded"
     if workload == "train":
         # jax_jit_dp: train's --mesh and --step_impl; jax_jit: one device
-        mesh = None if eager else parallel.make_mesh(t.mesh if mode == "jax_jit_dp" else "", B, devices)
+        mesh = None if eager else parallel.make_mesh(t.mesh if mode.data_parallel else "", B, devices)
         tx = optim.make_optimizer(t, params)
         state = optim.init_state(params, tx)
         if mesh is None:
@@ -106,19 +139,19 @@ def run(spec: dict) -> dict:
     dev = jax.devices()[0]
     stats = [d.memory_stats() or {} for d in devices]
     peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or None
-    return {
-        "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
-        "losses": None if workload == "generate" else [float(np.ravel(o)[0]) for o in outs],  # pmap: per device
-        "device": dev.device_kind if dev.platform != "cpu" else "cpu", "platform": dev.platform,
-        "devices": 1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
-        "mesh": None if mesh is None else parallel.describe_mesh(mesh), "step_impl": impl if mesh is not None else None,
-        "param_bytes_per_device": param_bytes,
-        "dtype": compute.dtype, "peak_mem_bytes": peak,
-        "peak_mem_source": "jax memory_stats peak_bytes_in_use" if peak else None,
-        "versions": {p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
-        "threads": None, "detail": describe(eager, compute if c.model == "gpt" else None, workload, sampler, impl)
-        + (f", mesh {parallel.describe_mesh(mesh)}" if mesh is not None and mode == "jax_jit_dp" else ""),
-    }
+    return Result(
+        first_call_s=first, step_s_runs=runs, tokens_per_call=tokens_per_call,
+        losses=None if workload == "generate" else [float(np.ravel(o)[0]) for o in outs],  # pmap: per device
+        device=dev.device_kind if dev.platform != "cpu" else "cpu", platform=dev.platform,
+        devices=1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
+        mesh=None if mesh is None else parallel.describe_mesh(mesh), step_impl=impl if mesh is not None else None,
+        param_bytes_per_device=param_bytes,
+        dtype=compute.dtype, peak_mem_bytes=peak,
+        peak_mem_source="jax memory_stats peak_bytes_in_use" if peak else None,
+        versions={p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
+        threads=None, detail=describe(eager, compute if c.model == "gpt" else None, workload, sampler, impl)
+        + (f", mesh {parallel.describe_mesh(mesh)}" if mesh is not None and mode.data_parallel else ""),
+    )
 
 
 def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None,

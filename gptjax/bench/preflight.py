@@ -8,8 +8,8 @@ import os
 import tempfile
 from typing import TYPE_CHECKING
 
-from gptjax.bench import report
-from gptjax.bench.worker import n_calls
+from gptjax.bench import modes, report
+from gptjax.bench.timing import n_calls
 from gptjax.config import Config, TrainConfig
 from gptjax.errors import UserError
 
@@ -26,9 +26,14 @@ COUNTS = ("steps", "eager_steps", "warmup", "repeats", "rounds")  # the options 
 
 
 def calls_per_mode(o: Options) -> int:
-    """Calls, each on a batch of its own, of the mode that makes the most: jax_eager makes --eager_steps a repeat."""
-    steps = max(o.steps, o.eager_steps if "jax_eager" in o.modes else 0)
-    return n_calls(steps, o.warmup, o.repeats)
+    """Calls, each on a batch of its own, of the mode that makes the most: a mode's steps_option counts its calls
+    per repeat (--eager_steps for jax_eager)."""
+    return n_calls(getattr(o, _steps_option(o)), o.warmup, o.repeats)
+
+
+def _steps_option(o: Options) -> str:
+    """The option that counts the most calls per repeat among o's modes: steps, unless another counts more."""
+    return max(("steps", *(modes.MODES[m].steps_option for m in o.modes)), key=lambda k: getattr(o, k))
 
 
 def host_available_bytes() -> int | None:
@@ -61,7 +66,7 @@ def check_memory(config: Config, o: Options) -> None:
         o, **{k: min(getattr(o, k), getattr(default, k))})))
     t, c = config.train, config.model
     rows = t.gradient_accumulation_steps * t.batch_size
-    steps = "eager_steps" if "jax_eager" in o.modes and o.eager_steps > o.steps else "steps"
+    steps = _steps_option(o)
     raise UserError(
         f"out of memory: --{key}={getattr(o, key)} makes {calls_per_mode(o):,} calls per mode (1 + --warmup + "
         f"--repeats x --{steps}) over {o.rounds:,} round(s), each on a batch of {rows:,} x {c.block_size + 1} tokens; "
@@ -73,14 +78,16 @@ def _size(n_bytes: int) -> str:
 
 
 def check_mesh(config: Config, o: Options) -> None:
-    """--mesh and --step_impl lay out jax_jit_dp's train step: refuse them where no such step runs, not ignore them."""
+    """--mesh and --step_impl lay out a data-parallel mode's train step (jax_jit_dp's): refuse them where no such step
+    runs, not ignore them."""
     t, default = config.train, TrainConfig()
+    takers = [name for name, m in modes.MODES.items() if m.data_parallel]
     for key in ("mesh", "step_impl"):
         value = getattr(t, key)
         if value == getattr(default, key):
             continue
-        if "jax_jit_dp" not in o.modes:
-            raise UserError(f"--{key}={value} applies to the jax_jit_dp mode only: add it to --modes")
+        if not set(takers) & set(o.modes):
+            raise UserError(f"--{key}={value} applies to the {' / '.join(takers)} mode only: add it to --modes")
         if o.workload != "train":
             raise UserError(f"--{key}={value} applies to --workload=train only (forward and generate split the "
                             "batch over every device)")

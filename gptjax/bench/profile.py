@@ -164,7 +164,7 @@ def profile_torch(config, steps: int) -> str:
 
 def main(argv: list[str]) -> int:
     from gptjax import parallel
-    from gptjax.cli import parse
+    from gptjax.args import parse
     from gptjax.config import load_config
     from gptjax.errors import UserError
 

@@ -1,4 +1,5 @@
-"""Benchmark records: one printed line each, results.json, results.md (ratios to jax_jit) and a PNG chart."""
+"""Benchmark records: one printed line each, results.json, results.md (ratios to the baseline, jax_jit) and a PNG
+chart."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import json
 import os
 import secrets
 
+from gptjax.bench.modes import BASELINE, MODES
 from gptjax.errors import UserError
 
 # results.json is {"command", "fields", "records"}; every record has exactly these fields.
 FIELDS = {
-    "mode": "jax_jit | jax_jit_dp | jax_eager | torch_eager | torch_compile (both explicit attention) | "
-            "torch_fast (torch.compile + F.scaled_dot_product_attention; nanoGPT's fast path)",
+    "mode": " | ".join(m.name + (f" ({m.note})" if m.note else "") for m in MODES.values()),
     "detail": "how the mode ran: jax.jit or jax.disable_jit() and the attention; eager or torch.compile (backend, "
               "mode), SDPA, autocast; for generate, how the sampler ran",
     "workload": "train (forward + backward + AdamW) | forward (eval logits and loss) | generate (sampling)",
@@ -44,7 +45,7 @@ FIELDS = {
     "peak_mem_bytes": "peak memory of the mode (see peak_mem_source)",
     "peak_mem_source": "JAX memory_stats, torch.cuda.max_memory_allocated, or the process's peak RSS on a CPU",
     "loss": "loss of the last timed call (null for generate)",
-    "loss_diff": "max |loss - jax_jit's loss| over the calls both ran; null where not comparable",
+    "loss_diff": f"max |loss - {BASELINE}'s loss| over the calls both ran; null where not comparable",
     "loss_flag": "true when loss_diff > 1e-3 (float32) or 5e-2 (bfloat16): fast but wrong",
     "error": "null, or why the mode failed",
 }
@@ -78,17 +79,17 @@ def line(r: dict) -> str:
     mfu = f" | MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
     loss = f" | loss {r['loss']:.4f}" if r["loss"] is not None else ""
     if r["loss_diff"] is not None:
-        loss += f" (Δ jax_jit {r['loss_diff']:.1e})"
-    flag = f"\n!!! {r['mode']}: loss differs from jax_jit's by {r['loss_diff']:.2e} > {loss_tolerance(r['dtype']):g}" \
-        " — fast but wrong? !!!" if r["loss_flag"] else ""
+        loss += f" (Δ {BASELINE} {r['loss_diff']:.1e})"
+    flag = f"\n!!! {r['mode']}: loss differs from {BASELINE}'s by {r['loss_diff']:.2e} > " \
+        f"{loss_tolerance(r['dtype']):g} — fast but wrong? !!!" if r["loss_flag"] else ""
     return (f"{head}| {r['devices']} x {r['device']} | first call {r['first_call_s']:.2f} s | "
             f"{ms['median']:.2f} ms/step (min {ms['min']:.2f}, max {ms['max']:.2f}) | "
             f"{r['tokens_per_sec']:,.0f} tokens/s{mfu} | peak mem {r['peak_mem_bytes'] / 2**20:,.0f} MiB{loss}{flag}")
 
 
 def _ratio(r: dict, records: list[dict]) -> str:
-    """Throughput against jax_jit's at the same point, workload and sampler: each at its best, side by side."""
-    base = [b for b in records if b["mode"] == "jax_jit" and b["point"] == r["point"]
+    """Throughput against the baseline's at the same point, workload and sampler: each at its best, side by side."""
+    base = [b for b in records if b["mode"] == BASELINE and b["point"] == r["point"]
             and b["workload"] == r["workload"] and b.get("sampler") == r.get("sampler") and not b["error"]]
     if not base or r["error"]:
         return "–"
@@ -98,7 +99,7 @@ def _ratio(r: dict, records: list[dict]) -> str:
 
 def markdown(records: list[dict], command: str) -> str:
     rows = ["| mode | workload | point | devices | first call | ms/step median (min–max) | tokens/s | "
-            "vs jax_jit | MFU | peak mem | loss (Δ jax_jit) |",
+            f"vs {BASELINE} | MFU | peak mem | loss (Δ {BASELINE}) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         if r["error"]:
@@ -127,8 +128,9 @@ def markdown(records: list[dict], command: str) -> str:
                  {k: v for r in ok for k, v in r["versions"].items()}.items())) + ".",
              f"Each mode ran in its own process: a first call, {head['warmup']} warm-up call(s), then "
              f"{head['repeats']} repeats of the timed calls (steps per repeat in results.json); "
-             "'vs jax_jit' is the throughput ratio to jax_jit at the same point and sampler; loss is the last "
-             "call's (jax_eager makes fewer calls), Δ the largest difference from jax_jit over the calls both made.",
+             f"'vs {BASELINE}' is the throughput ratio to {BASELINE} at the same point and sampler; loss is the "
+             f"last call's (jax_eager makes fewer calls), Δ the largest difference from {BASELINE} over the calls "
+             "both made.",
              ""]
     mallocs = sorted({r["malloc"] for r in ok if r.get("malloc")})
     if mallocs:

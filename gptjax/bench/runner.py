@@ -16,16 +16,16 @@ from importlib import util
 
 import numpy as np
 
-from gptjax.bench import flops, preflight, report
+from gptjax.bench import flops, modes, preflight, report
+from gptjax.bench.protocol import Mode, Result
 from gptjax.bench.worker import USER_ERROR
 from gptjax.config import Config, check_range, expand_path, override, validate
 from gptjax.errors import UserError
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
-MODES = ("jax_jit", "jax_jit_dp", "jax_eager", "torch_eager", "torch_compile", "torch_fast")
+MODES = tuple(modes.MODES)  # the names, in the table's order
 WORKLOADS = ("train", "forward", "generate")
 SAMPLERS = ("kv", "reforward")  # generate: KV-cache decode, or the whole window re-run per token
-COMPILED = ("torch_compile", "torch_fast")
 SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
 
 
@@ -61,15 +61,18 @@ def _int(opts: dict, key: str, default: int, range_key: str | None = None) -> in
 
 def parse_options(opts: dict) -> Options:
     """Take bench's own options out of opts (the rest are config overrides); bad values are UserErrors."""
-    have_torch = util.find_spec("torch") is not None
-    default = ",".join(m for m in MODES if have_torch or not m.startswith("torch"))  # named torch modes need it
-    modes = tuple(m.strip() for m in opts.pop("modes", default).split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
+    table = modes.MODES
+    installed = {m.package: util.find_spec(m.package) is not None for m in table.values() if m.package}
+    # The default leaves out the modes whose package is missing; naming one of them is refused.
+    default = ",".join(n for n, m in table.items() if installed.get(m.package, True))
+    names = tuple(m.strip() for m in opts.pop("modes", default).split(",") if m.strip())
+    bad = [m for m in names if m not in table]
+    if bad or not names:
         raise UserError(f"--modes: unknown mode {bad[0] if bad else '(none)'!r}; use a comma-separated list of "
-                        f"{', '.join(MODES)}")
-    if any(m.startswith("torch") for m in modes) and not have_torch:
-        raise UserError("the torch_* modes need PyTorch: pip install 'gptjax[torch]', or pass --modes=jax_jit,...")
+                        f"{', '.join(table)}")
+    missing = [table[n] for n in names if not installed.get(table[n].package, True)]
+    if missing:
+        raise UserError(missing[0].missing)
     workload = opts.pop("workload", "train")
     if workload not in WORKLOADS:
         raise UserError(f"--workload={workload}: use one of {', '.join(WORKLOADS)}")
@@ -96,7 +99,7 @@ def parse_options(opts: dict) -> Options:
         if any(v < 1 for v in values) or len(set(values)) != len(values):
             raise UserError(f"--sweep={raw}: values must be distinct and at least 1")
     steps = _int(opts, "steps", 20)
-    return Options(modes=tuple(dict.fromkeys(modes)), workload=workload, steps=steps,
+    return Options(modes=tuple(dict.fromkeys(names)), workload=workload, steps=steps,
                    eager_steps=_int(opts, "eager_steps", min(steps, 3)), warmup=_int(opts, "warmup", 2),
                    repeats=_int(opts, "repeats", 5), sweep_key=sweep_key, sweep_values=values,
                    out=expand_path(opts.pop("out", "")),
@@ -130,17 +133,13 @@ def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
     return points
 
 
-def _env(mode: str, tmp: str) -> dict:
-    """jax_jit and jax_eager see one XLA CPU device; jax_jit_dp one per core (or XLA_FLAGS' own count).
-
-    Every torch_compile / torch_fast process gets an empty inductor cache, so its first call is a cold compile, as
-    JAX's is.
-    """
+def _env(mode: Mode, tmp: str) -> dict:
+    """The mode's own variables; one XLA CPU device for a one_device mode, else one per core (or XLA_FLAGS' own
+    count)."""
     env = dict(os.environ)
-    if mode in COMPILED:
-        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=tmp)
+    env.update(mode.env(tmp))
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICES_FLAG)]
-    if mode in ("jax_jit", "jax_eager"):
+    if mode.one_device:
         flags.append(f"{HOST_DEVICES_FLAG}=1")
     elif HOST_DEVICES_FLAG not in env.get("XLA_FLAGS", ""):
         flags.append(f"{HOST_DEVICES_FLAG}={cores()}")
@@ -150,9 +149,9 @@ def _env(mode: str, tmp: str) -> dict:
     return env
 
 
-def _prepare_point(config: Config, o: Options, modes, tmp: str, n: int) -> tuple[Config, dict, int]:
-    """Initial weights (saved for JAX and, converted, for PyTorch) and the batches of n calls, shared by all modes
-    (each takes the first of them that it needs)."""
+def _prepare_point(config: Config, o: Options, names, tmp: str, n: int) -> tuple[Config, dict, int]:
+    """Initial weights (saved by nanoGPT's names, plus what each framework's prepare makes of them) and the batches
+    of n calls, shared by all modes (each takes the first of them that it needs)."""
     import jax
 
     try:  # set up on the host, so that a GPU's memory stays free for the modes
@@ -173,31 +172,24 @@ def _prepare_point(config: Config, o: Options, modes, tmp: str, n: int) -> tuple
                           t.seed, 0)
     shape = (n, t.gradient_accumulation_steps, t.batch_size, c.block_size)
     files = {"x": os.path.join(tmp, "x.npy"), "y": os.path.join(tmp, "y.npy"),
-             "params": os.path.join(tmp, "params.npz"), "torch_state": os.path.join(tmp, "twin.pt")}
+             "params": os.path.join(tmp, "params.npz")}
     np.save(files["x"], x.reshape(shape))
     np.save(files["y"], y.reshape(shape))
     np.savez(files["params"], **{k: np.asarray(v) for k, v in model.param_names(params).items()})
-    if any(m.startswith("torch") for m in modes):
-        import torch
-
-        from gptjax.reference import convert
-
-        if c.model != "gpt":
-            raise UserError("the torch_* modes bench the GPT twin: use --modes=jax_jit,jax_jit_dp,jax_eager for "
-                            "the bigram")
-        torch.save(convert.to_torch_state_dict(params, c), files["torch_state"])
+    for mode in {modes.MODES[m].framework: modes.MODES[m] for m in names}.values():  # once per framework
+        files.update(mode.prepare(c, params, tmp))
     return config, files, model.num_params(params)
 
 
 def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]:
-    """The mode's result, or its error line; a bad option the mode's process found (worker.USER_ERROR) is the
-    whole bench's UserError."""
+    """The mode's result (a Result's fields, as its worker wrote them), or its error line; a bad option the mode's
+    process found (worker.USER_ERROR) is the whole bench's UserError."""
     name = mode + (f"-{spec['sampler']}" if spec.get("sampler") else "")
     spec_path, result_path = os.path.join(tmp, f"{name}.spec.json"), os.path.join(tmp, f"{name}.result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
-                          env=_env(mode, tmp), capture_output=True, text=True)
+                          env=_env(modes.MODES[mode], tmp), capture_output=True, text=True)
     if proc.returncode == USER_ERROR and os.path.exists(result_path):
         with open(result_path) as f:
             raise UserError(json.load(f)["user_error"])
@@ -209,20 +201,20 @@ def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]
         return json.load(f), None
 
 
-def _pool(rounds: list[tuple[dict | None, str | None]]) -> tuple[dict | None, str | None]:
+def _pool(rounds: list[tuple[dict | None, str | None]]) -> tuple[Result | None, str | None]:
     """One result from a mode's rounds: every repeat's time pooled, the median first call; any failure fails it."""
     errors = [e for _, e in rounds if e]
     if errors:
         return None, errors[0]
-    res = dict(rounds[0][0])
-    res["step_s_runs"] = [s for r, _ in rounds for s in r["step_s_runs"]]
-    res["first_call_s"] = statistics.median(r["first_call_s"] for r, _ in rounds)
-    res["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r, _ in rounds)
-    return res, None
+    return dataclasses.replace(
+        Result(**rounds[0][0]), step_s_runs=[s for r, _ in rounds for s in r["step_s_runs"]],
+        first_call_s=statistics.median(r["first_call_s"] for r, _ in rounds),
+        peak_mem_bytes=max(r["peak_mem_bytes"] for r, _ in rounds)), None
 
 
 def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Config, n_params: int,
-            res: dict | None, error: str | None, base: dict | None, host: dict, steps: int) -> dict:
+            res: Result | None, error: str | None, base: Result | None, host: dict, steps: int) -> dict:
+    """The record of report.FIELDS; base is the baseline mode's result, whose losses this mode's compare with."""
     c, t = config.model, config.train
     rec = {k: None for k in report.FIELDS}
     # dtype: the config's (perhaps "auto") until the mode's process reports what it resolved on its device
@@ -235,21 +227,22 @@ def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Con
                versions={"python": platform.python_version()})
     if res is None:
         return rec
-    runs_ms = [s * 1e3 for s in res["step_s_runs"]]
+    runs_ms = [s * 1e3 for s in res.step_s_runs]
     median = statistics.median(runs_ms)
-    tps = res["tokens_per_call"] / (median / 1e3)
-    rec.update(detail=res["detail"], dtype=res["dtype"], device=res["device"], devices=res["devices"],
-               threads=res["threads"], malloc=res.get("malloc"), versions={**rec["versions"], **res["versions"]},
+    tps = res.tokens_per_call / (median / 1e3)
+    rec.update(detail=res.detail, dtype=res.dtype, device=res.device, devices=res.devices,
+               threads=res.threads, malloc=res.malloc, versions={**rec["versions"], **res.versions},
                step_ms={"median": median, "min": min(runs_ms), "max": max(runs_ms), "runs": runs_ms},
-               tokens_per_step=res["tokens_per_call"], tokens_per_sec=tps, first_call_s=res["first_call_s"],
-               mfu=flops.mfu(o.workload, c, n_params, tps, res["device"], res["dtype"]),
-               peak_mem_bytes=res["peak_mem_bytes"], peak_mem_source=res["peak_mem_source"],
-               loss=res["losses"][-1] if res["losses"] else None, mesh=res.get("mesh"),
-               step_impl=res.get("step_impl"), param_bytes_per_device=res.get("param_bytes_per_device"))
-    both_jax = mode.startswith("jax") and base is not None and base["mode"].startswith("jax")
-    if base is not None and res["losses"] and base["losses"] and (c.dropout == 0.0 or both_jax):
-        k = min(len(res["losses"]), len(base["losses"]))
-        rec["loss_diff"] = float(np.max(np.abs(np.subtract(res["losses"][:k], base["losses"][:k]))))
+               tokens_per_step=res.tokens_per_call, tokens_per_sec=tps, first_call_s=res.first_call_s,
+               mfu=flops.mfu(o.workload, c, n_params, tps, res.device, res.dtype),
+               peak_mem_bytes=res.peak_mem_bytes, peak_mem_source=res.peak_mem_source,
+               loss=res.losses[-1] if res.losses else None, mesh=res.mesh,
+               step_impl=res.step_impl, param_bytes_per_device=res.param_bytes_per_device)
+    # Under dropout only one framework's modes draw the same masks, so only their losses are comparable.
+    same_rng = modes.MODES[mode].framework == modes.MODES[modes.BASELINE].framework
+    if base is not None and res.losses and base.losses and (c.dropout == 0.0 or same_rng):
+        k = min(len(res.losses), len(base.losses))
+        rec["loss_diff"] = float(np.max(np.abs(np.subtract(res.losses[:k], base.losses[:k]))))
         rec["loss_flag"] = rec["loss_diff"] > report.loss_tolerance(rec["dtype"])
     return rec
 
@@ -270,17 +263,18 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
         preflight.check_memory(pconfig, o)
     preflight.check_out(o.out)
     n = preflight.calls_per_mode(o)
-    modes = sorted(o.modes, key=lambda m: m != "jax_jit")  # jax_jit first: the others' losses compare to it
+    names = sorted(o.modes, key=lambda m: m != modes.BASELINE)  # first: the others' losses compare to it
     host = host_info()
+    slow = ", ".join(name for name, m in modes.MODES.items() if m.steps_option == "eager_steps")
     samplers = "" if o.samplers == (None,) else f" (samplers {', '.join(o.samplers)})"
-    print(f"gptjax bench: {o.workload}{samplers}, modes {', '.join(modes)}; {host['cpu']} ({host['cores']} cores, "
+    print(f"gptjax bench: {o.workload}{samplers}, modes {', '.join(names)}; {host['cpu']} ({host['cores']} cores, "
           f"{host['flags']}); first call + {o.warmup} warm-up + {o.repeats} x {o.steps} timed calls "
-          f"({o.eager_steps} for jax_eager)" + (f", {o.rounds} rounds in turn" if o.rounds > 1 else ""), flush=True)
-    units = [(m, s) for m in modes for s in o.samplers]  # generate: each mode once per sampler
+          f"({o.eager_steps} for {slow})" + (f", {o.rounds} rounds in turn" if o.rounds > 1 else ""), flush=True)
+    units = [(m, s) for m in names for s in o.samplers]  # generate: each mode once per sampler
     records = []
     for point, pconfig in points:
         with tempfile.TemporaryDirectory(prefix="gptjax-bench-") as tmp:
-            pconfig, files, n_params = _prepare_point(pconfig, o, modes, tmp, n)
+            pconfig, files, n_params = _prepare_point(pconfig, o, names, tmp, n)
             c = pconfig.model
             print(f"{_point_text(point)}model: {c.n_layer} x {c.n_head} x {c.n_embd}, block {c.block_size}, "
                   f"vocab {c.vocab_size}, {n_params:,} params; {flops.flops_per_token(c, n_params):,} train "
@@ -288,7 +282,7 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
             base, results = None, {u: [] for u in units}
             for r in range(o.rounds):
                 for mode, sampler in units:
-                    steps = o.eager_steps if mode == "jax_eager" else o.steps
+                    steps = getattr(o, modes.MODES[mode].steps_option)
                     spec = {"mode": mode, "workload": o.workload, "sampler": sampler, "config": pconfig.to_dict(),
                             "steps": steps, "warmup": o.warmup, "repeats": o.repeats,
                             "max_new_tokens": o.max_new_tokens, "seed": pconfig.train.seed, **files}
@@ -301,10 +295,10 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
                         continue
                     # The last round: the mode's record, from every round, printed as soon as it finishes.
                     res, error = _pool(results[mode, sampler])
-                    if mode == "jax_jit" and res is not None:
-                        base = {"mode": mode, "losses": res["losses"]}
+                    if mode == modes.BASELINE and res is not None:
+                        base = res
                     rec = _record(mode, sampler, o, point, pconfig, n_params, res, error,
-                                  base if mode != "jax_jit" else None, host, steps)
+                                  base if mode != modes.BASELINE else None, host, steps)
                     records.append(rec)
                     print(report.line(rec), flush=True)
     if o.out:

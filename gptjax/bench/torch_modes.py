@@ -5,27 +5,73 @@ parameters and optimizer in float32, as nanoGPT's train.py does."""
 
 from __future__ import annotations
 
-from importlib import metadata
+import dataclasses
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
+from gptjax.bench.protocol import Mode, Result
+from gptjax.bench.timing import n_calls, time_calls
+from gptjax.errors import UserError
 
-from gptjax.bench.worker import n_calls, time_calls
-from gptjax.config import Config
-from gptjax.parallel import cores
-from gptjax.reference.nanogpt import GPT, configure_optimizers, next_token_probs, train_step
+if TYPE_CHECKING:
+    from gptjax.config import ModelConfig
 
 COMPILE_MODE = "inductor, mode=default"
 
 
-@torch.no_grad()
-def generate(forward, idx, max_new_tokens: int, block_size: int, generator: torch.Generator):
+@dataclasses.dataclass(frozen=True)
+class TorchMode(Mode):
+    """The PyTorch twin with nanoGPT's loop."""
+
+    compiled: bool = False  # wrapped in torch.compile (COMPILE_MODE)
+    sdpa: bool = False  # attention by F.scaled_dot_product_attention, not the explicit softmax
+
+    framework: ClassVar[str] = "torch"
+    package: ClassVar[str] = "torch"
+    missing: ClassVar[str] = "the torch_* modes need PyTorch: pip install 'gptjax[torch]', or pass --modes=jax_jit,..."
+
+    def env(self, tmp: str) -> dict[str, str]:
+        # An empty inductor cache for every compiled process, so its first call is a cold compile, as JAX's is.
+        return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=tmp)} if self.compiled else {}
+
+    def prepare(self, c: ModelConfig, params: Any, tmp: str) -> dict[str, str]:
+        """The initial weights as the twin's state dict (twin.pt)."""
+        import torch
+
+        from gptjax.reference import convert
+
+        if c.model != "gpt":
+            raise UserError("the torch_* modes bench the GPT twin: use --modes=jax_jit,jax_jit_dp,jax_eager for "
+                            "the bigram")
+        path = os.path.join(tmp, "twin.pt")
+        torch.save(convert.to_torch_state_dict(params, c), path)
+        return {"torch_state": path}
+
+    def run(self, spec: dict) -> Result:
+        return _run(self, spec)
+
+
+MODES = (
+    TorchMode("torch_eager"),
+    TorchMode("torch_compile", note="both explicit attention", compiled=True),
+    TorchMode("torch_fast", note="torch.compile + F.scaled_dot_product_attention; nanoGPT's fast path",
+              compiled=True, sdpa=True),
+)
+
+
+def generate(forward, idx, max_new_tokens: int, block_size: int, generator):
     """nanoGPT's GPT.generate (crop to block_size, re-run the window, sample) through `forward`, which may be the
     compiled module: nanoGPT's own generate would call the uncompiled one."""
-    for _ in range(max_new_tokens):
-        logits, _ = forward(idx[:, -block_size:])
-        probs = next_token_probs(logits[:, -1, :], 1.0, None)
-        idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
+    import torch
+
+    from gptjax.reference.nanogpt import next_token_probs
+
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits, _ = forward(idx[:, -block_size:])
+            probs = next_token_probs(logits[:, -1, :], 1.0, None)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
     return idx
 
 
@@ -33,6 +79,8 @@ def resolve_dtype(dtype: str, cuda: bool) -> str:
     """auto: bfloat16 on a GPU that runs it at full speed (compute capability 8.0 or later), as JAX's auto."""
     if dtype != "auto":
         return dtype
+    import torch
+
     return "bfloat16" if cuda and torch.cuda.get_device_capability() >= (8, 0) else "float32"
 
 
@@ -40,6 +88,7 @@ def autocast(fn, device_type: str, dtype: str):
     """fn run under torch.autocast(device_type, bfloat16) when dtype is bfloat16 (nanoGPT's ctx); else fn."""
     if dtype == "float32":
         return fn
+    import torch
 
     def run(*args, **kwargs):
         with torch.autocast(device_type, dtype=torch.bfloat16):
@@ -48,23 +97,33 @@ def autocast(fn, device_type: str, dtype: str):
     return run
 
 
-def describe(mode: str, dtype: str, workload: str, sampler: str | None) -> str:
-    parts = [f"torch.compile ({COMPILE_MODE})" if mode != "torch_eager" else "eager"]
-    if mode == "torch_fast":
+def describe(mode: TorchMode, dtype: str, workload: str, sampler: str | None) -> str:
+    """The record's detail: how the mode ran."""
+    parts = [f"torch.compile ({COMPILE_MODE})" if mode.compiled else "eager"]
+    if mode.sdpa:
         parts.append("SDPA attention")
     if dtype == "bfloat16":
         parts.append("autocast bfloat16")
     if workload == "generate":
         parts.append("KV cache: prefill, then one token per step" + (
-            " (decode step compiled, dynamic=True)" if mode != "torch_eager" else "")
+            " (decode step compiled, dynamic=True)" if mode.compiled else "")
             if sampler == "kv" else "re-forward of the window per token")
     return ", ".join(parts)
 
 
-def run(spec: dict) -> dict:
+def _run(mode: TorchMode, spec: dict) -> Result:
+    from importlib import metadata
+
+    import numpy as np
+    import torch
+
+    from gptjax.config import Config
+    from gptjax.parallel import cores
+    from gptjax.reference.nanogpt import GPT, configure_optimizers, train_step
+
     config = Config.from_dict(spec["config"])
     c, t = config.model, config.train
-    mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
+    workload, sampler = spec["workload"], spec.get("sampler")
     torch.set_num_threads(cores())
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -72,10 +131,10 @@ def run(spec: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = resolve_dtype(t.dtype, cuda)
-    twin = GPT(c, sdpa=mode == "torch_fast")
+    twin = GPT(c, sdpa=mode.sdpa)
     twin.load_state_dict(torch.load(spec["torch_state"], weights_only=True))
     twin.to(device)
-    compiled = mode in ("torch_compile", "torch_fast")
+    compiled = mode.compiled
     net = autocast(torch.compile(twin) if compiled else twin, device.type, dtype)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT = torch.from_numpy(np.load(spec["x"])[:n].astype(np.int64)).to(device)
@@ -131,14 +190,14 @@ def run(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     first, runs, outs = time_calls(call, sync, spec["steps"], spec["warmup"], spec["repeats"],
                                    sync_each=workload != "train")
-    return {
-        "first_call_s": first, "step_s_runs": runs, "tokens_per_call": tokens_per_call,
-        "losses": None if workload == "generate" else [float(o) for o in outs],
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "platform": device.type, "devices": 1,
-        "dtype": dtype,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "peak_mem_source": "torch.cuda.max_memory_allocated" if cuda else None,
-        "versions": {p: metadata.version(p) for p in ("torch", "numpy")},
-        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
-        "detail": describe(mode, dtype, workload, sampler),
-    }
+    return Result(
+        first_call_s=first, step_s_runs=runs, tokens_per_call=tokens_per_call,
+        losses=None if workload == "generate" else [float(o) for o in outs],
+        device=torch.cuda.get_device_name() if cuda else "cpu", platform=device.type, devices=1,
+        dtype=dtype,
+        peak_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        peak_mem_source="torch.cuda.max_memory_allocated" if cuda else None,
+        versions={p: metadata.version(p) for p in ("torch", "numpy")},
+        threads={"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
+        detail=describe(mode, dtype, workload, sampler),
+    )
