@@ -9,8 +9,10 @@ import sys
 from gptjax import parallel
 from gptjax.args import parse
 from gptjax.errors import Stopped, UserError
+from gptjax.weights import FORMATS
 
-USAGE = """usage: gptjax COMMAND [--key=value ...]
+FORMAT_NAMES = "|".join(FORMATS)  # export --to= and import --from=: a row of weights.FORMATS each
+USAGE = f"""usage: gptjax COMMAND [--key=value ...]
 
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
   train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
@@ -27,8 +29,8 @@ USAGE = """usage: gptjax COMMAND [--key=value ...]
            [--workload=train|forward|generate] [--sampler=kv,reforward] [--steps=N] [--eager_steps=N] [--warmup=N]
            [--repeats=R] [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
            [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]   (the jax_jit_dp mode)
-  export   --out_dir=DIR --to=nanogpt FILE.pt [--force] [--checkpoint=best|latest|STEP]
-  import   --from=nanogpt FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
+  export   --out_dir=DIR --to={FORMAT_NAMES} FILE.pt [--force] [--checkpoint=best|latest|STEP]
+  import   --from={FORMAT_NAMES} FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
 presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
 Config keys use nanoGPT's names (batch_size, block_size, n_layer, learning_rate, ...).
@@ -105,12 +107,12 @@ OPTIONS = {
     },
     "export": {
         "out_dir": ("DIR", DEFAULT_RUN, "the run to export"),
-        "to": ("nanogpt", "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
+        "to": (FORMAT_NAMES, "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
         "force": ("true|false", False, "replace FILE.pt if it exists"),
         "checkpoint": CHECKPOINT,
     },
     "import": {
-        "from": ("nanogpt", "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
+        "from": (FORMAT_NAMES, "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
         "out_dir": ("DIR", None, "the new run's directory (required)"),
         "meta": ("PATH", None, "nanoGPT's meta.pkl; default: the one beside FILE.pt, else GPT-2's tokenizer"),
         "force": ("true|false", False, "replace a run in --out_dir"),
@@ -275,46 +277,42 @@ def cmd_bench(opts, pos):
         sys.exit(1)
 
 
-def _file_and_format(opts, pos, key: str, command: str) -> str:
-    fmt = _opt(opts, command, key)
-    if fmt != "nanogpt":
-        raise UserError(f"--{key}={fmt}: the only checkpoint format is nanogpt")
-    if len(pos) != 1 or (command == "export" and not pos[0].endswith(".pt")):
-        raise UserError(f"gptjax {command} takes one checkpoint file, FILE.pt (e.g. out/ckpt.pt)")
+def _file_and_format(opts, pos, key: str, command: str) -> tuple[str, str]:
+    """(format, FILE) of export --to= / import --from=, the format a row of weights.FORMATS."""
+    from gptjax import weights
+
+    fmt = weights.get(_opt(opts, command, key), key)
+    if len(pos) != 1 or (command == "export" and not pos[0].endswith(fmt.suffix)):
+        raise UserError(f"gptjax {command} takes one checkpoint file, FILE{fmt.suffix} (e.g. out/{fmt.example})")
     from gptjax.config import expand_path
 
-    return expand_path(pos[0])
-
-
-def _torch_convert():
-    try:
-        from gptjax.reference import convert
-    except ImportError:
-        raise UserError("nanoGPT checkpoints need PyTorch: pip install 'gptjax[torch]'") from None
-    return convert
+    return fmt.name, expand_path(pos[0])
 
 
 def cmd_export(opts, pos):
+    from gptjax.weights import files
+
     _only(opts, tuple(OPTIONS["export"]), "export")
-    path = _file_and_format(opts, pos, "to", "export")
+    fmt, path = _file_and_format(opts, pos, "to", "export")
     force = _opt(opts, "export", "force", bool)
     out_dir = _opt(opts, "export", "out_dir")
     which = _checkpoint(opts)
-    r = _torch_convert().export_nanogpt(out_dir, path, force=force, which=which)
-    print(f"wrote {r['path']}: {r['tensors']} tensors from {out_dir} ({which} checkpoint, step {r['iter_num']})"
-          + (f"; vocabulary in {r['meta']}" if r["meta"] else ""))
+    r = files.export(fmt, out_dir, path, force=force, which=which)
+    print(f"wrote {r['path']}: {r['tensors']} tensors from {out_dir} ({which} checkpoint, step {r['step']})"
+          + (f"; vocabulary in {r['vocab']}" if r["vocab"] else ""))
 
 
 def cmd_import(opts, pos):
     from gptjax import sample
+    from gptjax.weights import files
 
     _only(opts, tuple(OPTIONS["import"]), "import")
-    path = _file_and_format(opts, pos, "from", "import")
+    fmt, path = _file_and_format(opts, pos, "from", "import")
     if "out_dir" not in opts:
         raise UserError("gptjax import needs --out_dir=DIR for the new run")
     out_dir = _opt(opts, "import", "out_dir")
-    config, state = _torch_convert().import_nanogpt(path, out_dir, _opt(opts, "import", "meta"),
-                                                    force=_opt(opts, "import", "force", bool))
+    config, state = files.import_run(fmt, path, out_dir, _opt(opts, "import", "meta"),
+                                     force=_opt(opts, "import", "force", bool))
     m, step = config.model, int(state.step)
     print(f"imported {path} into {out_dir}: {m.n_layer} layers x {m.n_head} heads x {m.n_embd}, block {m.block_size}, "
           f"vocab {m.vocab_size}, tokenizer {config.data.tokenizer}; "

@@ -16,7 +16,8 @@ from conftest import digest, user_error
 from gptjax import cli
 from gptjax.bench import report, runner
 from gptjax.config import ModelConfig
-from gptjax.reference import convert, parity
+from gptjax.reference import parity
+from gptjax.weights import files, nanogpt
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def no_checkpoint_load(monkeypatch):
     def load_state(*args, **kwargs):
         raise AssertionError("export loaded the checkpoint before checking the file it is to write")
 
-    monkeypatch.setattr(convert.rundir, "load_state", load_state)
+    monkeypatch.setattr(files.rundir, "load_state", load_state)
 
 
 def _export(capsys, tmp_path, target) -> str:
@@ -54,7 +55,7 @@ def test_export_into_a_read_only_directory_is_refused_first_and_leaves_nothing(c
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(convert.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     err = _export(capsys, tmp_path, tmp_path / "new" / "deeper" / "ckpt.pt")
     assert f"cannot write in {tmp_path / 'new' / 'deeper'} (Read-only file system)" in err, err
     assert os.listdir(tmp_path) == []
@@ -98,7 +99,7 @@ def test_import_refuses_a_pickle_that_would_run_code_and_names_it(capsys, tmp_pa
 def test_import_meta_that_is_not_a_meta_pkl_is_one_line(capsys, tmp_path):
     c = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=8)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": parity.twin(c).state_dict(), "model_args": {k: getattr(c, k) for k in convert.MODEL_ARGS}},
+    torch.save({"model": parity.twin(c).state_dict(), "model_args": {k: getattr(c, k) for k in nanogpt.MODEL_ARGS}},
                ckpt)
     notes = tmp_path / "notes.txt"
     notes.write_text("PS: not a pickle")  # 'P' is pickle's persistent-id opcode, whose error spans two lines

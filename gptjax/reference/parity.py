@@ -16,6 +16,8 @@ from gptjax.reference import convert
 from gptjax.reference.bigram import BigramLanguageModel
 from gptjax.reference.nanogpt import GPT, configure_optimizers, next_token_probs
 from gptjax.reference.nanogpt import train_step as torch_train_step
+from gptjax.weights import nanogpt as nanogpt_weights  # not reference.nanogpt, the twin
+from gptjax.weights import torchfile
 
 
 def twin(c: ModelConfig) -> torch.nn.Module:
@@ -159,7 +161,7 @@ def switch_frameworks(config: Config, tokens, before: int, after: int, direction
     opt = configure_optimizers(tm, t)
     if direction == "jax->torch":
         state, _, _ = jax_steps(step_fn, optim.init_state(params, tx), tokens, config, 0, before)
-        ckpt = _through_a_file(convert.nanogpt_checkpoint(config, state))
+        ckpt = _through_a_file(nanogpt_weights.torch_checkpoint(config, state))
         if not keep_optimizer:
             ckpt.pop("optimizer")
         tm = GPT(dataclasses.replace(c, **ckpt["model_args"]))  # what nanoGPT's train.py does to resume
@@ -170,11 +172,11 @@ def switch_frameworks(config: Config, tokens, before: int, after: int, direction
         start = ckpt["iter_num"]
     else:
         torch_steps(tm, opt, tokens, config, 0, before)
-        ckpt = {"model": tm.state_dict(), "model_args": {k: getattr(c, k) for k in convert.MODEL_ARGS},
+        ckpt = {"model": tm.state_dict(), "model_args": {k: getattr(c, k) for k in nanogpt_weights.MODEL_ARGS},
                 "iter_num": before, "best_val_loss": torch.tensor(9.0), "config": {"dataset": "shakespeare_char"}}
         if keep_optimizer:
             ckpt["optimizer"] = opt.state_dict()
-        state = convert.train_state_from_nanogpt(_through_a_file(ckpt), config)
+        state = nanogpt_weights.from_checkpoint(torchfile.from_torch(_through_a_file(ckpt)), config)
         start = int(state.step) if keep_optimizer else before
     # Both continue from the switch: the run that moved, and the one that stayed where it was.
     state, loss_jax, _ = jax_steps(step_fn, state, tokens, config, start, after)

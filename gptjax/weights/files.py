@@ -1,0 +1,105 @@
+"""A run to another framework's files and back (`gptjax export` / `gptjax import`): checks first, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+from gptjax import checkpoint, rundir, tokenizers
+from gptjax.errors import UserError
+from gptjax.weights import FORMATS
+
+
+def export(fmt: str, out_dir: str, path: str, force: bool = False, which: str | int = "best") -> dict:
+    """Write the run's checkpoint `which` (best by default) in format fmt to path, with the files the format puts
+    beside it; {path, vocab (a vocabulary file written beside it, or None), step, tensors}."""
+    row = FORMATS[fmt]
+    m = row.load()
+    check_target(path, row.example)
+    if not force and os.path.lexists(path):
+        raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
+    config, _, state = rundir.load_state(out_dir, which)
+    files, summary = m.export_files(config, state, out_dir, path, force)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for p, write in files:
+        atomic_write(p, write)
+    return {"path": path, **summary}
+
+
+def import_run(fmt: str, path: str, out_dir: str, vocab: str | None = None, force: bool = False):
+    """Make a gptjax run directory (config, tokenizer, best/latest checkpoints) from a file in format fmt;
+    (config, state). vocab names a vocabulary file where the format takes one (nanoGPT's meta.pkl)."""
+    config, state, tok = FORMATS[fmt].load().read(path, out_dir, vocab)  # every check before anything is written
+    rundir.check_out_dir(out_dir)
+    checkpoint.check_root(out_dir)
+    rundir.check_replaceable(out_dir)
+    rundir.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
+    with rundir.run_lock(out_dir, "import"):
+        aside = rundir.set_aside(out_dir) if force else []  # the replaced run, until the new one is saved
+        try:
+            rundir.write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+            tokenizers.save(tok, os.path.join(out_dir, "tokenizer.json"))
+            checkpoint.save(out_dir, int(state.step), state, keep=config.train.keep_checkpoints, best=True)
+        except BaseException:
+            rundir.remove_run_files(out_dir)
+            rundir.put_back(aside)
+            raise
+        rundir.drop_aside(aside)
+    return config, state
+
+
+def check_target(path: str, example: str) -> None:
+    """PATH is not a directory and its directory can be made and takes a new file: checked before any work, with a
+    probe file, removed again with every directory made for it."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory: name the file to write inside it, e.g. "
+                        f"{os.path.join(path, example)}")
+    d = where = os.path.dirname(os.path.abspath(path))
+    missing = []  # deepest first
+    while not os.path.isdir(d):
+        if os.path.lexists(d):
+            raise UserError(f"{path}: {d} is a file, so the directory cannot be made; export to another path")
+        missing.append(d)
+        d = os.path.dirname(d)
+    made = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            made.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".gptjax-export-probe-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {d} ({e.strerror or e}); export to a directory you can write to"
+                        ) from None
+    finally:
+        for m in reversed(made):
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """write(f) to a binary temporary file of our own (a unique name beside path: a PATH.tmp there is somebody
+    else's), then renamed into place. The file gets the mode any new file gets (0666 less the umask), not mkstemp's
+    0600: an exported file is made to be shared. (rundir.atomic_write writes text through the fixed PATH.tmp.)"""
+    d, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(d, f"{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
