@@ -55,7 +55,7 @@ def _run(mode: JaxMode, spec: dict) -> Result:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptjax import model, optim, parallel, sample, train
+    from gptjax import evaluate, model, optim, parallel, sample, train
     from gptjax.config import Config
 
     config = Config.from_dict(spec["config"])
@@ -100,7 +100,7 @@ def _run(mode: JaxMode, spec: dict) -> Result:
         mesh = None if eager else parallel.data_mesh(B, devices)
 
         def forward(p, x_BT, y_BT):
-            return train.loss_fn(graphdef, p, x_BT, y_BT)
+            return evaluate.loss_fn(graphdef, p, x_BT, y_BT)
 
         if mesh is None:
             fwd, place = jax.jit(forward), devices[0]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from gptjax.bench.runner import Options
 
 # Host bytes each call needs, counted as a floor so that only what cannot fit is refused: per batch token, as
-# train.check_memory counts a batch (sampled indices, gathered tokens, the int32 copies), and per call a loss handle
+# evaluate.check_memory counts a batch (sampled indices, gathered tokens, the int32 copies), and per call a loss handle
 # and its list entries in the mode's process (JAX's two batch buffers per call take ~10 KiB more on a CPU).
 BATCH_TOKEN_BYTES = 16
 CALL_BYTES = 256

@@ -137,7 +137,7 @@ def profile_torch(config, steps: int) -> str:
     from gptjax import data
     from gptjax.parallel import cores
     from gptjax.reference.nanogpt import GPT, configure_optimizers, train_step
-    from gptjax.train import setup
+    from gptjax.evaluate import setup
 
     torch.set_num_threads(cores())
     config, prep, _, _, _ = setup(config)

@@ -159,7 +159,7 @@ def _prepare_point(config: Config, o: Options, names, tmp: str, n: int) -> tuple
     except RuntimeError:  # a backend already started in this process (a caller's own jax work)
         pass
     from gptjax import data, model
-    from gptjax.train import setup
+    from gptjax.evaluate import setup
 
     # How the modes compute is resolved in each mode's process, on its own devices: this host-side setup only
     # makes the weights, so it asks for nothing this process could refuse (--attention=cudnn, or a --mesh laid
