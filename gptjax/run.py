@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from gptjax import checkpoint, data, parallel, rundir
+from gptjax import checkpoint, data, parallel, rundir, writes
 from gptjax.config import Config, expand_path, resumed
 from gptjax.errors import Stopped, UserError
 
@@ -88,7 +88,7 @@ class Run:
             rundir.keep_metrics_before(os.path.join(out, "metrics.jsonl"), self.start)
             rundir.write_json(os.path.join(out, "config.json"), config.to_dict())
             with open(os.path.join(prep.dir, "tokenizer.json")) as f:
-                rundir.atomic_write(os.path.join(out, "tokenizer.json"), f.read())
+                writes.atomic_write(os.path.join(out, "tokenizer.json"), f.read())
             rundir.write_json(os.path.join(out, "data.json"), prep.meta)
         return state
 

@@ -12,17 +12,12 @@ from gptjax import checkpoint, data, model, tokenizers
 from gptjax.config import Config, validate
 from gptjax.errors import UserError
 from gptjax.optim import init_state, make_optimizer
+from gptjax.writes import atomic_write, probe
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "checkpoints")
 
 
 LOCK_FILE = ".gptjax.lock"
-
-
-def atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def write_json(path: str, obj) -> None:
@@ -121,15 +116,11 @@ def claim_out_dir(out: str, force: bool, advice: str, remove: bool = True) -> No
 def check_replaceable(out: str) -> None:
     """The run's files in out can be replaced: its checkpoints directory (or the directory a `checkpoints` link
     points to, on a scratch disk say) takes a new file. Checked before anything of an old run is removed."""
-    import tempfile
-
     r = os.path.join(out, "checkpoints")
     if not os.path.isdir(r):
         return
     try:
-        fd, probe = tempfile.mkstemp(prefix=".tmp_probe_", dir=r)
-        os.close(fd)
-        os.remove(probe)
+        probe(r)
     except OSError as e:
         where = f"{r} (a link to {os.path.realpath(r)})" if os.path.islink(r) else r
         raise UserError(f"cannot write checkpoints in {where}: {e.strerror}; make it writable or pick another "

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from gptjax import cli, parallel
+from gptjax import cli, parallel, writes
 from gptjax.bench import modes, preflight, runner, timing, worker
 from gptjax.bench.protocol import Mode, Result
 from gptjax.config import load_config
@@ -200,7 +200,7 @@ def test_out_in_a_directory_that_refuses_writes_leaves_nothing_behind(capsys, tm
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(writes.tempfile, "mkstemp", read_only)
     err = _refused(capsys, f"--out={tmp_path / 'new' / 'deeper'}")
     assert f"--out={tmp_path / 'new' / 'deeper'}: cannot write there (Read-only file system)" in err, err
     assert os.listdir(tmp_path) == []

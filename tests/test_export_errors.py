@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import digest, user_error
 
-from gptjax import cli
+from gptjax import cli, writes
 from gptjax.bench import report, runner
 from gptjax.config import ModelConfig
 from gptjax.reference import parity
@@ -55,7 +55,7 @@ def test_export_into_a_read_only_directory_is_refused_first_and_leaves_nothing(c
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(writes.tempfile, "mkstemp", read_only)
     err = _export(capsys, tmp_path, tmp_path / "new" / "deeper" / "ckpt.pt")
     assert f"cannot write in {tmp_path / 'new' / 'deeper'} (Read-only file system)" in err, err
     assert os.listdir(tmp_path) == []

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import TYPE_CHECKING
 
+from gptjax import writes
 from gptjax.bench import modes, report
 from gptjax.bench.timing import n_calls
 from gptjax.config import Config, TrainConfig
@@ -100,35 +100,21 @@ def check_out(out: str) -> None:
     already there are not changed: results files are opened to append, nothing written."""
     if not out:
         return
-    path = d = os.path.abspath(out)
-    missing = []  # the directories to make, deepest first
-    while not os.path.isdir(d):
-        if os.path.lexists(d):  # a file (or a dangling link) where a directory must be
-            raise UserError(f"--out={out} is a file: name a directory for {', '.join(report.FILES)}" if d == path else
-                            f"--out={out}: {d} is a file, so the directory cannot be made; name another directory")
-        missing.append(d)
-        d = os.path.dirname(d)
-    made = []
+    path = os.path.abspath(out)
+    for name in report.FILES:
+        p = os.path.join(path, name)
+        if os.path.lexists(p) and not os.path.isfile(p):
+            raise UserError(f"--out={out}: {p} is not a regular file, so the results cannot be written there; "
+                            "move it or name another directory")
     try:
-        for d in reversed(missing):
-            os.mkdir(d)
-            made.append(d)
         for name in report.FILES:
-            p = os.path.join(path, name)
-            if os.path.lexists(p) and not os.path.isfile(p):
-                raise UserError(f"--out={out}: {p} is not a regular file, so the results cannot be written there; "
-                                "move it or name another directory")
-            if os.path.exists(p):
-                open(p, "a").close()
-        fd, probe = tempfile.mkstemp(prefix=".gptjax-bench-probe-", dir=path)
-        os.close(fd)
-        os.remove(probe)
+            if os.path.exists(os.path.join(path, name)):
+                open(os.path.join(path, name), "a").close()
+        writes.probe(path)
+    except NotADirectoryError as e:
+        raise UserError(f"--out={out} is a file: name a directory for {', '.join(report.FILES)}" if e.filename == path
+                        else f"--out={out}: {e.filename} is a file, so the directory cannot be made; name another "
+                        "directory") from None
     except OSError as e:
         raise UserError(f"--out={out}: cannot write there ({e.strerror or e}): name a directory you can write to"
                         ) from None
-    finally:
-        for d in reversed(made):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 
+from gptjax import writes
 from gptjax.bench.modes import BASELINE, MODES
 from gptjax.errors import UserError
 
@@ -182,18 +182,6 @@ def chart(records: list[dict], path) -> None:
     plt.close(fig)
 
 
-def _new_file(path: str) -> tuple[int, str]:
-    """A new file beside path under a name of our own, with the mode a new file gets (0666 less the umask)."""
-    d, base = os.path.split(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
 def write(records: list[dict], out_dir: str, command: str) -> list[str]:
     """results.json, .md and .png in out_dir, each through a temporary file beside it, renamed into place once all
     three are complete: a failed write (a full disk) keeps the results there, a link is replaced, not written through,
@@ -207,7 +195,7 @@ def write(records: list[dict], out_dir: str, command: str) -> list[str]:
     try:
         os.makedirs(out_dir, exist_ok=True)
         for path, content in zip(paths, contents):
-            fd, temps[path] = _new_file(path)
+            fd, temps[path] = writes.temp_beside(path)
             with os.fdopen(fd, "wb") as f:
                 content(f)
         for path in paths:

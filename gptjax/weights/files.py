@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import secrets
-import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
 
-from gptjax import checkpoint, rundir, tokenizers
+from gptjax import checkpoint, rundir, tokenizers, writes
 from gptjax.errors import UserError
 from gptjax.weights import FORMATS
 
@@ -25,7 +21,7 @@ def export(fmt: str, out_dir: str, path: str, force: bool = False, which: str | 
     files, summary = m.export_files(config, state, out_dir, path, force)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for p, write in files:
-        atomic_write(p, write)
+        writes.atomic_write(p, write)
     return {"path": path, **summary}
 
 
@@ -57,49 +53,12 @@ def check_target(path: str, example: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory: name the file to write inside it, e.g. "
                         f"{os.path.join(path, example)}")
-    d = where = os.path.dirname(os.path.abspath(path))
-    missing = []  # deepest first
-    while not os.path.isdir(d):
-        if os.path.lexists(d):
-            raise UserError(f"{path}: {d} is a file, so the directory cannot be made; export to another path")
-        missing.append(d)
-        d = os.path.dirname(d)
-    made = []
+    where = os.path.dirname(os.path.abspath(path))
     try:
-        for d in reversed(missing):
-            os.mkdir(d)
-            made.append(d)
-        fd, probe = tempfile.mkstemp(prefix=".gptjax-export-probe-", dir=where)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write in {d} ({e.strerror or e}); export to a directory you can write to"
+        writes.probe(where)
+    except NotADirectoryError as e:
+        raise UserError(f"{path}: {e.filename} is a file, so the directory cannot be made; export to another path"
                         ) from None
-    finally:
-        for m in reversed(made):
-            try:
-                os.rmdir(m)
-            except OSError:
-                pass
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) to a binary temporary file of our own (a unique name beside path: a PATH.tmp there is somebody
-    else's), then renamed into place. The file gets the mode any new file gets (0666 less the umask), not mkstemp's
-    0600: an exported file is made to be shared. (rundir.atomic_write writes text through the fixed PATH.tmp.)"""
-    d, base = os.path.split(os.path.abspath(path))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        tmp = os.path.join(d, f"{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {where} ({e.strerror or e}); export to a directory you can write "
+                        "to") from None
