@@ -28,7 +28,7 @@ import zlib
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import parallel
+from gptjax import distributed
 from gptjax.errors import UserError
 
 NAME = re.compile(r"^(step|best)_(\d{8,})$")  # a committed checkpoint
@@ -89,13 +89,13 @@ def save(out_dir: str, step: int, tree, keep: int = 2, best: bool = False) -> st
         for name in os.listdir(r):  # saves a killed process left unfinished
             if name.startswith(".tmp_"):
                 shutil.rmtree(os.path.join(r, name), ignore_errors=True)
-    parallel.sync(f"gptjax-checkpoint-{step}-clean")
+    distributed.sync(f"gptjax-checkpoint-{step}-clean")
     with _quiet_on_failure(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
     if lead:
         _commit_all(out_dir, r, step, tmp, final, keep, best)
-    parallel.sync(f"gptjax-checkpoint-{step}-committed")
+    distributed.sync(f"gptjax-checkpoint-{step}-committed")
     return final
 
 

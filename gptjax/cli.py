@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from gptjax import parallel
+from gptjax import distributed, parallel
 from gptjax.args import parse
 from gptjax.errors import Stopped, UserError
 from gptjax.weights import FORMATS
@@ -176,19 +176,19 @@ def _distributed(opts) -> bool:
     than process 0 print nothing from here on (their errors still reach stderr)."""
     from gptjax.config import check_range
 
-    distributed = _opt(opts, "train", "distributed", bool)
+    wanted = _opt(opts, "train", "distributed", bool)
     given = [k for k in ("coordinator_address", "num_processes", "process_id", "distributed_timeout") if k in opts]
     launch = {k: _opt(opts, "train", k, typ) for k, typ in (
         ("coordinator_address", str), ("num_processes", int), ("process_id", int), ("distributed_timeout", int))}
-    if not distributed:
+    if not wanted:
         if given:
             raise UserError(f"--{given[0]} applies with --distributed only: add --distributed")
         return False
     for key in ("num_processes", "process_id", "distributed_timeout"):
         if key in given:
             check_range(RANGE_KEYS["train", key], launch[key], key)
-    parallel.init_distributed(**launch)
-    if not parallel.is_lead():  # the file descriptor too: the runtime's collectives print from C++
+    distributed.init_distributed(**launch)
+    if not distributed.is_lead():  # the file descriptor too: the runtime's collectives print from C++
         sys.stdout.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     return True
@@ -198,7 +198,7 @@ def cmd_train(opts, pos):
     from gptjax import checkpoint, run, sample, train
 
     force = _opt(opts, "train", "force", bool)
-    distributed = _distributed(opts)
+    multihost = _distributed(opts)
     if opts.get("init_from") == "resume":  # the run's saved settings; only what is passed here changes
         preset = opts.pop("config", DEFAULT_CONFIG)
         config, changes = run.resume_config(opts, _config({"config": preset}).train.out_dir)
@@ -207,7 +207,7 @@ def cmd_train(opts, pos):
     else:
         config = _config(opts)
     summary = train.train(config, force=force, progress=True)
-    if distributed:  # restoring a checkpoint is collective under jax.distributed: sample from one process later
+    if multihost:  # restoring a checkpoint is collective under jax.distributed: sample from one process later
         print(f"sample with: gptjax sample --out_dir={summary['out_dir']}")
         return
     if not checkpoint.exists(summary["out_dir"], "latest"):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from gptjax import checkpoint, data, parallel, rundir, writes
+from gptjax import checkpoint, data, distributed, rundir, writes
 from gptjax.config import Config, expand_path, resumed
 from gptjax.errors import Stopped, UserError
 
@@ -32,7 +32,7 @@ class Run:
         self.out = config.train.out_dir
         self.resume = resume
         self.replace = force and not resume  # a run already in out_dir is moved aside, then deleted
-        self.lead = parallel.is_lead()
+        self.lead = distributed.is_lead()
         self.made_dir = not os.path.exists(self.out)
         self.begun = False  # the run's files are being written: until then an old run --force replaces is untouched
         self.aside: list[tuple[str, str]] = []  # the replaced run's moves, until the new run saves a checkpoint
@@ -47,7 +47,7 @@ class Run:
         A failure inside the block leaves a fresh run's directory as it was (a run --force was replacing is put
         back), and a failure of the machine (memory, a full or read-only disk) becomes one UserError."""
         saved = _check(config, force)
-        parallel.sync("gptjax-out-dir-checked")
+        distributed.sync("gptjax-out-dir-checked")
         if saved is not None:  # the run's own model and data (or --input's copy of it); this call's training
             data_config = dataclasses.replace(saved.data, input=config.data.input) if config.data.input else saved.data
             config = dataclasses.replace(saved, data=data_config, train=config.train)
