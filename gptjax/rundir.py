@@ -13,7 +13,7 @@ from gptjax.config import Config, validate
 from gptjax.errors import UserError
 from gptjax.optim import init_state, make_optimizer
 
-RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "tensorboard", "checkpoints")
 
 
 LOCK_FILE = ".gptjax.lock"
