@@ -63,6 +63,11 @@ class TrainConfig:
     remat: str = "none"  # none | block: recompute each block's activations in the backward pass
     mesh: str = ""  # dp:N,fsdp:M (one size may be -1); empty: every device on dp (as many as divide the batch)
     step_impl: str = "sharded"  # sharded (jit + shardings, FSDP over fsdp) | shard_map | pmap (explicit pmean)
+    # How the run is watched (metrics.jsonl always): a resumed run may change these.
+    tensorboard: bool = False  # True: TensorBoard event files in OUT_DIR/tensorboard/, a point per metrics row
+    wandb_log: bool = False  # True: metrics rows to Weights & Biases (pip install 'gptjax[wandb]'); honours WANDB_MODE
+    wandb_project: str = "gptjax"  # the W&B project
+    wandb_run_name: str = ""  # the W&B run's name; empty: out_dir's name
 
 
 @dataclass(frozen=True)

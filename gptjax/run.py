@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from gptjax import checkpoint, data, distributed, rundir, writes
+from gptjax import checkpoint, data, distributed, rundir, sinks, writes
 from gptjax.config import Config, expand_path, resumed
 from gptjax.errors import Stopped, UserError
 
@@ -56,6 +55,7 @@ class Run:
             try:
                 yield run
             except BaseException as e:
+                run.close_sinks(failed=True)  # before the clean-up removes their files; never raises
                 run._clean_up()
                 expected = _expected_failure(e, run.out)
                 if expected is not None:
@@ -71,7 +71,7 @@ class Run:
     def begin(self, config: Config, prep: data.Prepared, state):
         """Restore a resumed run's latest checkpoint into `state`'s layout; then write the run's files: config.json
         (`config`, its vocab_size resolved), tokenizer.json, data.json, metrics.jsonl cut back to the step it goes on
-        from. Returns the state to train."""
+        from; then open the metrics sinks (sinks.py). Returns the state to train."""
         self.config, out, t = config, self.out, config.train
         if self.resume and checkpoint.exists(out, "latest"):
             state = checkpoint.restore(out, "latest", state)
@@ -90,13 +90,13 @@ class Run:
             with open(os.path.join(prep.dir, "tokenizer.json")) as f:
                 writes.atomic_write(os.path.join(out, "tokenizer.json"), f.read())
             rundir.write_json(os.path.join(out, "data.json"), prep.meta)
+            self.sinks = sinks.open_sinks(config, out, self.resume)
         return state
 
     def log(self, row: dict) -> None:
-        """Append one evaluation's row to metrics.jsonl."""
-        if self.lead:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+        """One evaluation's row to each sink: metrics.jsonl, and TensorBoard or W&B if asked for (process 0)."""
+        for sink in self.sinks:
+            sink.write(row)
 
     def save(self, step: int, state, val_loss: float | None = None):
         """Checkpoint `state` (the canonical, global form) at `step`, keeping the newest keep_checkpoints; with
@@ -126,10 +126,15 @@ class Run:
                          "(or set --grad_clip) and train again")
 
     def finish(self) -> None:
-        """Training reached max_iters: drop a replaced run, plot the losses to loss.png."""
+        """Training reached max_iters: close the sinks, drop a replaced run, plot the losses to loss.png."""
+        self.close_sinks()
         self._drop_aside()
         if self.lead:
             rundir.plot_metrics(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "loss.png"))
+
+    def close_sinks(self, failed: bool = False) -> None:
+        open_, self.sinks = self.sinks, []
+        sinks.close_sinks(open_, failed)
 
     def _drop_aside(self) -> None:
         if self.aside:
@@ -170,6 +175,7 @@ def _saved(out: str) -> Config:
 def _check(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for a resume, return the saved config."""
     out = config.train.out_dir
+    sinks.check(config.train)
     rundir.check_out_dir(out)
     checkpoint.check_root(out)
     rundir.check_replaceable(out)

@@ -14,7 +14,7 @@ from gptjax.errors import UserError
 from gptjax.optim import init_state, make_optimizer
 from gptjax.writes import atomic_write, probe
 
-RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "data.json", "loss.png", "tensorboard", "checkpoints")
 
 
 LOCK_FILE = ".gptjax.lock"
