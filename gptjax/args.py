@@ -17,7 +17,7 @@ class Option(NamedTuple):
     metavar: str
     default: Any
     help: str
-    range: str = ""  # its key in config.RANGES where that is not its own name
+    range: str | None = ""  # its key in config.RANGES where that is not its own name; None: no range
     type: type | None = None  # where the default does not say (a default of None: str)
     required: bool = False  # a script's option that has no default
 
@@ -61,6 +61,8 @@ def range_key(name: str, option: Option) -> str:
     """The option's key in config.RANGES, or "" for an option without a range."""
     from gptjax.config import RANGES
 
+    if option.range is None:
+        return ""
     key = option.range or name
     return key if key in RANGES else ""
 
@@ -92,7 +94,7 @@ def help_lines(table: Table) -> list[str]:
 
     lines = []
     for name, o in table.items():
-        key = range_key(name, o) or name
+        key = range_key(name, o) or (name if o.range is not None else "")  # its range or choices, if any
         facts = cfg.describe_value(key, o.kind, o.default) if key in cfg.RANGES or o.default is not None else "[str]"
         for typ in ("bool", "str", "int", "float"):  # an option's type shows in its metavar
             facts = facts.replace(f"[{typ}, ", "[")
