@@ -102,9 +102,10 @@ def help_lines(table: Table) -> list[str]:
     return lines
 
 
-def options(argv: list[str], table: Table, prog: str, doc: str = "") -> types.SimpleNamespace:
+def options(argv: list[str], table: Table, prog: str, doc: str = "", rest: bool = False) -> types.SimpleNamespace:
     """A script's whole command line by its table, as attributes; --help prints `doc` and the options and exits 0,
-    a bad command line prints one line and exits 2."""
+    a bad command line prints one line and exits 2. rest: options not in the table are kept, as strings, in .rest
+    (config overrides, say) rather than refused."""
     if "--help" in argv or "-h" in argv:
         print("\n".join([doc.rstrip(), "", "options:", *help_lines(table)]).lstrip("\n"))
         sys.exit(0)
@@ -112,11 +113,13 @@ def options(argv: list[str], table: Table, prog: str, doc: str = "") -> types.Si
         opts, pos = parse(argv)
         if pos:
             raise UserError(f"unexpected argument {pos[0]!r}: options are written --key=value")
-        refuse_unknown(opts, table, prog)
+        if not rest:
+            refuse_unknown(opts, table, prog)
         missing = [f"--{k}={o.metavar}" for k, o in table.items() if o.required and k not in opts]
         if missing:
             raise UserError(f"{prog} needs {' '.join(missing)}")
-        return types.SimpleNamespace(**{k: take(opts, k, o) for k, o in table.items()})
+        values = {k: take(opts, k, o) for k, o in table.items()}
+        return types.SimpleNamespace(**values, **({"rest": opts} if rest else {}))
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
