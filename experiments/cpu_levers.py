@@ -14,7 +14,6 @@ Every variant computes the same function: the losses after the run are printed b
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -22,13 +21,13 @@ import statistics
 import sys
 import time
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--input", required=True)
-p.add_argument("--config", default="shakespeare_char_cpu")
-p.add_argument("--devices", type=int, default=2)
-p.add_argument("--steps", type=int, default=30)
-p.add_argument("--repeats", type=int, default=9)
-args = p.parse_args()
+from gptjax.args import Option, options  # noqa: E402 (before jax: the device count goes into XLA_FLAGS)
+from gptjax.options import CONFIG_OPTION  # noqa: E402
+
+args = options(sys.argv[1:], {
+    "input": Option("PATH", None, "tiny Shakespeare's input.txt", required=True), **CONFIG_OPTION,
+    "devices": Option("N", 2, "XLA CPU devices the step runs data parallel over", None),
+    "steps": Option("N", 30, "steps per turn"), "repeats": Option("N", 9, "turns")}, "cpu_levers.py", __doc__)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
 
 import jax  # noqa: E402
@@ -36,8 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from gptjax import data, model, parallel  # noqa: E402
 from gptjax.config import load_config  # noqa: E402
-from gptjax.optim import init_state  # noqa: E402
 from gptjax.evaluate import setup  # noqa: E402
+from gptjax.optim import init_state  # noqa: E402
 from gptjax.train import make_train_step  # noqa: E402
 
 

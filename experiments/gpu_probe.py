@@ -22,15 +22,17 @@ import time
 import jax
 
 from gptjax import data, evaluate, model, optim, parallel, train
-from gptjax.cli import parse
+from gptjax.args import Option, options
 from gptjax.config import load_config
 
 
 def main(argv):
-    opts, _ = parse(argv)
-    steps, top = int(opts.pop("steps", 30)), int(opts.pop("top", 25))
-    use_mesh = opts.pop("mesh", "false") == "true"  # as train runs it: a 1-D data mesh and NamedShardings
-    config = load_config(opts.pop("config", "shakespeare_char"), opts)
+    args = options(argv, {"config": Option("NAME|FILE.py", "shakespeare_char", "a preset or a config file"),
+                          "steps": Option("N", 30, "timed steps"), "top": Option("N", 25, "kernels listed", None),
+                          "mesh": Option("true|false", False, "the step on a data mesh, as gptjax train runs it")},
+                   "gpu_probe.py", __doc__, rest=True)  # the rest: config overrides
+    steps, top, use_mesh = args.steps, args.top, args.mesh
+    config = load_config(args.config, args.rest)
     config, prep, graphdef, params, tx = evaluate.setup(config)
     t, m = config.train, config.model
     compute = model.compute_of(config)

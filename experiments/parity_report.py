@@ -15,7 +15,6 @@ Then the seeds' bigram experiment (batch 32, block 8, AdamW lr 1e-3, 10000 steps
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from gptjax import data, model
+from gptjax.args import Option, options
 from gptjax.config import load_config
 from gptjax.reference import parity
 
@@ -65,13 +65,13 @@ def check_shape(name: str, input_path: str, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", default="", help="tiny Shakespeare input.txt (default: download)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--bigram_steps", type=int, default=10000)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "parity.md"))
-    args = ap.parse_args(argv)
+    args = options(sys.argv[1:] if argv is None else argv, {
+        "input": Option("PATH", "", "tiny Shakespeare input.txt (default: download)"),
+        "steps": Option("N", 100, "training steps of each curve"),
+        "bigram_steps": Option("N", 10000, "training steps of the bigram"),
+        "shapes": Option("P1,P2,...", ",".join(SHAPES), "the presets compared"),
+        "out": Option("PATH", os.path.join(HERE, "results", "parity.md"), "the report")},
+        "parity_report.py", __doc__)
 
     rows = []
     for name in args.shapes.split(","):

@@ -11,7 +11,6 @@ resume each time, and the comparison with an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import BAR, CACHE_DAMAGE, DAMAGE, damage_run, digest  # noqa: E402
 from crashing import crash_and_resume, metrics  # noqa: E402
+
+from gptjax.args import Option, options  # noqa: E402
 
 
 def gptjax(*args, cwd=None, env=None, timeout=600, cwd_deleted=False):
@@ -345,11 +346,10 @@ def shown(stderr: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="tiny Shakespeare's input.txt")
-    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "reliability.md"))
-    ap.add_argument("--kills", type=int, default=10)
-    args = ap.parse_args(argv)
+    args = options(sys.argv[1:] if argv is None else argv, {
+        "input": Option("PATH", None, "tiny Shakespeare's input.txt", required=True),
+        "out": Option("PATH", os.path.join(ROOT, "experiments", "results", "reliability.md"), "the report"),
+        "kills": Option("N", 10, "times a run is killed and resumed", None)}, "reliability.py", __doc__)
     corpus = os.path.abspath(args.input)
     env_data = tempfile.mkdtemp(prefix="gptjax-data-")
     os.environ["GPTJAX_DATA_DIR"] = env_data

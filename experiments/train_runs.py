@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 
+from gptjax.args import Option, options
+from gptjax.options import CONFIG_OPTION
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -39,11 +42,12 @@ def one_run(config: str, extra: list[str], out_dir: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    config = opts.pop("config", "shakespeare_char_cpu")
-    runs = int(opts.pop("runs", 3))
-    out = opts.pop("out", os.path.join(HERE, "results", f"{config}_runs.md"))
-    extra = [f"--{k}={v}" for k, v in opts.items()]
+    args = options(argv, {**CONFIG_OPTION, "runs": Option("N", 3, "fresh `gptjax train` processes", None),
+                          "out": Option("PATH", "", "the report; default: experiments/results/CONFIG_runs.md")},
+                   "train_runs.py", __doc__, rest=True)  # the rest: passed on to gptjax train
+    config, runs = args.config, args.runs
+    out = args.out or os.path.join(HERE, "results", f"{config}_runs.md")
+    extra = [f"--{k}={v}" for k, v in args.rest.items()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(runs):

@@ -13,7 +13,6 @@ measurements it quotes, and is carried over on every rerun.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -23,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from gptjax.args import Option, options
+from gptjax.options import CONFIG_OPTION
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -90,14 +92,13 @@ def profile(args, framework: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True)
-    p.add_argument("--config", default="shakespeare_char_cpu")
-    p.add_argument("--name", default="cpu")
-    p.add_argument("--nanogpt", default="")
-    p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="fewer steps and repeats, no sweep: a smoke run")
-    args = p.parse_args()
+    args = options(sys.argv[1:], {
+        "input": Option("PATH", None, "tiny Shakespeare's input.txt", required=True), **CONFIG_OPTION,
+        "name": Option("NAME", "cpu", "results go to experiments/results/xla_vs_eager_NAME*"),
+        "nanogpt": Option("PATH", "", "a karpathy/nanoGPT checkout: its train.py beside `gptjax train`"),
+        "runs": Option("N", 2, "whole-process runs of each", None),
+        "quick": Option("true|false", False, "fewer steps and repeats, no sweep: a smoke run")},
+        "xla_vs_eager.py", __doc__)
     out = os.path.relpath(os.path.join(RESULTS, f"xla_vs_eager_{args.name}"))
     steps = ["--steps=5", "--repeats=2"] if args.quick else ["--steps=50", "--repeats=5", "--rounds=2"]
     sections = []
@@ -121,7 +122,7 @@ def main() -> None:
         with open(os.path.join(out, "sweep", "results.md")) as f:
             sections.append(f"## Sweep over batch size\n\n![sweep](xla_vs_eager_{args.name}/sweep/results.png)\n\n"
                             + f.read())
-    if args.nanogpt and args.config == "shakespeare_char_cpu":  # the settings NANOGPT_CPU gives nanoGPT
+    if args.nanogpt and args.config == CONFIG_OPTION["config"].default:  # the settings NANOGPT_CPU gives nanoGPT
         w = whole_process(args, 1 if args.quick else args.runs)
         g, n = statistics.median(w["times"]["gptjax"]), statistics.median(w["times"]["nanogpt"])
         goals += (f"- whole process, {args.config}: `gptjax train` {g:.1f} s vs nanoGPT's `train.py` {n:.1f} s "

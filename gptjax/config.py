@@ -335,6 +335,8 @@ RANGES = {
     # train --distributed
     "num_processes": (1, INT_MAX, False, False), "process_id": (0, INT_MAX, False, False),
     "distributed_timeout": (1, 86400, False, False),
+    # research scripts
+    "seeds": (1, INT_MAX, False, False),
 }
 
 
@@ -435,3 +437,15 @@ def help_text(config: Config, preset: str) -> str:
             value = getattr(getattr(config, section), f.name)
             lines.append(help_line(f.name, notes.get(f.name, ""), describe_value(f.name, types[f.name][1], value)))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How `gptjax sample` draws text: sample.sample's keyword defaults, and their help."""
+    num_samples: int = 1  # texts to generate
+    max_new_tokens: int = 500  # tokens generated after the prompt
+    temperature: float = 0.8  # logits are divided by T (tiny values sample greedily)
+    top_k: int = 200  # keep the K most likely tokens; 0: all
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probability reaches P; 1: all
+    seed: int = 1337  # the same seed gives the same text
+    kv_cache: bool = True  # cache keys and values (the same tokens, faster)

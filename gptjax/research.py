@@ -2,7 +2,7 @@
 
 A script under experiments/ is config, variants, library calls and results; this module holds the rest:
 
-    opts = research.options(argv, "attention_trick")        # --quick | --smoke, --input, --out, --seeds
+    opts = research.options(argv, "attention_trick")        # --quick | --smoke, --input, --out, --seeds, --help
     runs = research.train_seeds(config, opts.seeds)         # train + exact whole-split val loss, per seed
     page = research.Page(opts, "Title")                     # headed by command, device, versions, date
     page.table(["variant", "val loss"], rows); page.figure(fig, "ladder.png", "caption"); page.write()
@@ -23,7 +23,9 @@ import sys
 import tempfile
 import time
 
+from gptjax import args
 from gptjax import config as config_lib
+from gptjax.args import Option
 from gptjax.errors import UserError
 
 MODES = ("full", "quick", "smoke")  # the recorded run; <= 3 minutes on a 2-core CPU; a handful of steps (tests)
@@ -49,42 +51,46 @@ class Options:
         return os.path.join(self.out, self.script)
 
 
+# The options every script takes; a script's own come as `extra` {key: default}.
+OPTIONS = {
+    "quick": Option("", False, "the quick mode: <= 3 minutes on a 2-core CPU"),
+    "smoke": Option("", False, "the smoke mode: a handful of steps (tests)"),
+    "input": Option("PATH", "", "the corpus file (tiny Shakespeare); default: downloaded into data_dir"),
+    "data_dir": Option("DIR", "", "prepared-token cache; default: gptjax's"),
+    "out": Option("DIR", os.path.join("experiments", "results"), "results directory"),
+    "seeds": Option("N", 0, "how many seeds; default: the script's own count for the mode"),
+}
+
+
 def options(argv: list[str], script: str, seeds: int | tuple[int, int, int] = 3, extra: dict | None = None) -> Options:
     """Parse a script's command line: --quick, --smoke, --input=PATH, --data_dir=DIR, --out=DIR, --seeds=N, and
-    the script's own `extra` {key: default} (values keep the default's type). Unknown options: a UserError.
+    the script's own `extra` {key: default} (values keep the default's type). Unknown options: a UserError;
+    --help lists the options and exits 0.
 
     seeds: how many seeds without --seeds, one number or (full, quick, smoke)."""
     extra = dict(extra or {})
-    mode, inp, data_dir, out, n_seeds = "full", "", "", os.path.join("experiments", "results"), None
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: options are written --key=value")
-        if key in ("quick", "smoke") and not eq:
-            mode = key
-        elif key == "input" and eq:
-            inp = value
-        elif key == "data_dir" and eq:
-            data_dir = value
-        elif key == "out" and eq:
-            out = value
-        elif key == "seeds" and eq and value.isdigit() and int(value) > 0:
-            n_seeds = int(value)
-        elif key in extra and eq:
-            default = extra[key]
-            try:
-                extra[key] = type(default)(value) if not isinstance(default, bool) else value.lower() == "true"
-            except ValueError:
-                raise UserError(f"--{key}={value} is not a valid {type(default).__name__}") from None
-        else:
+    table = {**OPTIONS, **{k: Option(type(v).__name__.upper(), v, "the script's own", None) for k, v in extra.items()}}
+    if "--help" in argv or "-h" in argv:
+        print("\n".join([f"usage: python experiments/{script}.py [--key=value ...]", "", "options:",
+                         *args.help_lines(table)]))
+        raise SystemExit(0)
+    opts, pos = args.parse(argv)
+    if pos:
+        raise UserError(f"unexpected argument {pos[0]!r}: options are written --key=value")
+    for key in opts:
+        if key not in table:
+            arg = next(a for a in argv if a[2:].partition("=")[0] == key)
             known = ["--quick", "--smoke", "--input=PATH", "--data_dir=DIR", "--out=DIR", "--seeds=N",
                      *(f"--{k}=" for k in extra)]
             raise UserError(f"unknown option {arg!r}: {script} takes {' '.join(known)}")
-    if inp and not os.path.isfile(inp):
-        raise UserError(f"--input={inp}: no such file; give the tiny Shakespeare text file")
-    if n_seeds is None:
-        n_seeds = seeds if isinstance(seeds, int) else seeds[MODES.index(mode)]
-    return Options(script, mode, inp, data_dir, out, tuple(range(1337, 1337 + n_seeds)), tuple(argv), extra)
+    modes = [k for k in opts if k in ("quick", "smoke")]  # in the order given: the last one counts
+    given = {k: args.take(opts, k, o) for k, o in table.items()}
+    mode = next((k for k in reversed(modes) if given[k]), "full")
+    if given["input"] and not os.path.isfile(given["input"]):
+        raise UserError(f"--input={given['input']}: no such file; give the tiny Shakespeare text file")
+    n_seeds = given["seeds"] or (seeds if isinstance(seeds, int) else seeds[MODES.index(mode)])
+    return Options(script, mode, given["input"], given["data_dir"], given["out"], tuple(range(1337, 1337 + n_seeds)),
+                   tuple(argv), {k: given[k] for k in extra})
 
 
 def data_overrides(opts: Options) -> dict:

@@ -12,8 +12,10 @@ import numpy as np
 from flax import nnx
 
 from gptjax import model, rundir, tokenizers
-from gptjax.config import check_range
+from gptjax.config import SampleConfig, check_range
 from gptjax.errors import UserError
+
+_D = SampleConfig()  # the defaults, which `gptjax sample --help` shows
 
 
 def filter_logits(logits_NV, temperature, top_k: int | None, top_p: float | None = None):
@@ -109,10 +111,10 @@ def default_start(tok) -> str:
     return tok.decode([0])
 
 
-def sample(out_dir: str, start: str | None = None, num_samples: int = 1, max_new_tokens: int = 500,
-           temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337,
-           checkpoint: str | int = "best", top_p: float = 1.0, kv_cache: bool = True, dtype: str = "auto",
-           attention: str = "auto") -> list[str]:
+def sample(out_dir: str, start: str | None = None, num_samples: int = _D.num_samples,
+           max_new_tokens: int = _D.max_new_tokens, temperature: float = _D.temperature, top_k: int | None = _D.top_k,
+           seed: int = _D.seed, checkpoint: str | int = "best", top_p: float = _D.top_p, kv_cache: bool = _D.kv_cache,
+           dtype: str = "auto", attention: str = "auto") -> list[str]:
     """Texts generated from a run's checkpoint (best by default), each beginning with `start` (or FILE:path's
     contents; None: default_start).
 

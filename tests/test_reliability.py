@@ -1,6 +1,7 @@
 """Nothing lost, nothing hangs: a failed --force leaves the old run byte for byte, damaged run files and prepared
 caches are one line (or rebuilt), and every command answers --help."""
 
+import inspect
 import json
 import os
 import shutil
@@ -214,15 +215,15 @@ def test_a_process_that_never_joins_ends_the_wait_with_one_line(tmp_path, shakes
 def test_every_command_answers_help_with_every_option_and_key(capsys, command):
     """--help exits 0 and lists the command's options and, for the commands that take a config, every config key
     with its comment, type and the preset's value; the defaults shown are the ones the command uses."""
-    from gptjax import cli
+    from gptjax import cli, options
     from gptjax.config import descriptions, field_types, load_config
 
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: gptjax {command}")
-    for name, (metavar, _, note) in cli.OPTIONS[command].items():
-        assert f"--{name}={metavar}" in out and note in out, name
-    if command in cli.TAKES_CONFIG:
+    for name, option in options.OPTIONS[command].items():
+        assert f"--{name}={option.metavar}" in out and option.help in out, name
+    if command in options.TAKES_CONFIG:
         notes, config = descriptions(), load_config("tiny")
         assert cli.main([command, "--config=tiny", "--help"]) == 0
         out = capsys.readouterr().out
@@ -235,13 +236,16 @@ def test_every_command_answers_help_with_every_option_and_key(capsys, command):
 
 
 def test_help_shows_the_defaults_the_commands_use():
-    from gptjax import bench, cli, config
+    from gptjax import bench, config, options, sample
 
     o = bench.parse_options({})
     for key in ("steps", "eager_steps", "warmup", "repeats", "rounds", "max_new_tokens", "out"):
-        assert cli.OPTIONS["bench"][key][1] == getattr(o, key), key
-    assert cli.OPTIONS["bench"]["modes"][1] == ",".join(bench.runner.MODES)
-    assert cli.DEFAULT_RUN == config.load_config(cli.DEFAULT_CONFIG).train.out_dir
+        assert options.OPTIONS["bench"][key].default == getattr(o, key), key
+    assert options.OPTIONS["bench"]["modes"].default == ",".join(bench.runner.MODES)
+    assert options.DEFAULT_RUN == config.load_config(options.DEFAULT_CONFIG).train.out_dir
+    defaults = inspect.signature(sample.sample).parameters
+    for key in ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "kv_cache"):
+        assert options.OPTIONS["sample"][key].default == defaults[key].default, key
 
 
 def test_version(capsys):

@@ -155,3 +155,15 @@ def test_research_options_modes_and_errors(tmp_path):
                 for m in research.MODES}
     assert per_mode == {"full": (1337, 1338, 1339), "quick": (1337, 1338), "smoke": (1337,)}
     assert research.options(["--smoke", "--seeds=2"], "demo", seeds=(3, 2, 1)).seeds == (1337, 1338)
+    assert research.options(["--smoke", "--quick"], "demo").mode == "quick"  # the last one given counts
+    with pytest.raises(UserError, match="--seeds=0 is out of range"):
+        research.options(["--seeds=0"], "demo")
+    assert research.options(["--steps=0"], "demo", extra={"steps": 7}).extra["steps"] == 0  # no range of bench's
+
+
+def test_research_options_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as stop:
+        research.options(["--help"], "demo", extra={"width": 32})
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: python experiments/demo.py")
+    assert all(f"--{k}" in out for k in [*research.OPTIONS, "width"]), out

@@ -96,8 +96,9 @@ def profile_jax(config, steps: int) -> str:
     import jax
 
     from gptjax import data, parallel
+    from gptjax.evaluate import setup
     from gptjax.optim import init_state
-    from gptjax.train import make_train_step, setup
+    from gptjax.train import make_train_step
 
     config, prep, graphdef, params, tx = setup(config)
     t, T = config.train, config.model.block_size
@@ -135,9 +136,9 @@ def profile_torch(config, steps: int) -> str:
     import torch
 
     from gptjax import data
+    from gptjax.evaluate import setup
     from gptjax.parallel import cores
     from gptjax.reference.nanogpt import GPT, configure_optimizers, train_step
-    from gptjax.evaluate import setup
 
     torch.set_num_threads(cores())
     config, prep, _, _, _ = setup(config)
@@ -164,24 +165,24 @@ def profile_torch(config, steps: int) -> str:
 
 def main(argv: list[str]) -> int:
     from gptjax import parallel
-    from gptjax.args import parse
+    from gptjax.args import Option, parse, take
     from gptjax.config import load_config
     from gptjax.errors import UserError
+    from gptjax.options import CONFIG_OPTION
 
     parallel.use_all_cores()
     parallel.reuse_freed_memory()
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    opts, _ = parse(argv)
-    framework = opts.pop("framework", "jax")
+    table = {**CONFIG_OPTION, "framework": Option("jax|torch", "jax", "the framework whose step is profiled"),
+             "steps": Option("N", 20, "profiled steps")}
     try:
-        raw_steps = opts.pop("steps", "20")
-        steps = int(raw_steps) if raw_steps.isdigit() else 0
-        if framework not in ("jax", "torch") or steps < 1:
-            raise UserError(f"--framework must be jax or torch and --steps a whole number >= 1 "
-                            f"(got --framework={framework} --steps={raw_steps})")
-        config = load_config(opts.pop("config", "shakespeare_char_cpu"), opts)
+        opts, _ = parse(argv)
+        framework, steps = take(opts, "framework", table["framework"]), take(opts, "steps", table["steps"])
+        if framework not in ("jax", "torch"):
+            raise UserError(f"--framework={framework}: use jax or torch")
+        config = load_config(take(opts, "config", table["config"]), opts)  # the rest of opts: config overrides
     except UserError as e:
         print(f"gptjax.bench.profile: error: {e}", file=sys.stderr)
         return 2

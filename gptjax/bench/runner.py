@@ -16,52 +16,43 @@ from importlib import util
 
 import numpy as np
 
+from gptjax.args import take
 from gptjax.bench import flops, modes, preflight, report
 from gptjax.bench.protocol import Mode, Result
 from gptjax.bench.worker import USER_ERROR
-from gptjax.config import Config, check_range, expand_path, override, validate
+from gptjax.config import Config, override, validate
 from gptjax.errors import UserError
+from gptjax.options import OPTIONS
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
 MODES = tuple(modes.MODES)  # the names, in the table's order
 WORKLOADS = ("train", "forward", "generate")
 SAMPLERS = ("kv", "reforward")  # generate: KV-cache decode, or the whole window re-run per token
 SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
+_O = OPTIONS["bench"]  # the options' defaults and ranges, which `gptjax bench --help` shows
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     modes: tuple[str, ...] = MODES
-    workload: str = "train"
+    workload: str = _O["workload"].default
     # Every call has a batch of its own and keeps its loss: steps, eager_steps, warmup, repeats and rounds so large
     # that these cannot fit in the host's available memory are refused up front (preflight.check_memory).
-    steps: int = 20  # timed calls per repeat
-    eager_steps: int = 3  # timed calls per repeat for jax_eager, hundreds of times slower
-    warmup: int = 2  # untimed calls after the first
-    repeats: int = 5
+    steps: int = _O["steps"].default  # timed calls per repeat
+    eager_steps: int = _O["eager_steps"].default  # timed calls per repeat for jax_eager, hundreds of times slower
+    warmup: int = _O["warmup"].default  # untimed calls after the first
+    repeats: int = _O["repeats"].default
     sweep_key: str = ""
     sweep_values: tuple[int, ...] = ()
-    out: str = ""  # directory for results.json / results.md / results.png; empty: print only
-    max_new_tokens: int = 64  # generate: new tokens per sequence
-    rounds: int = 1  # the modes run this many times in turn (A B C A B C ...), their repeats pooled
+    out: str = _O["out"].default  # directory for results.json / results.md / results.png; empty: print only
+    max_new_tokens: int = _O["max_new_tokens"].default  # generate: new tokens per sequence
+    rounds: int = _O["rounds"].default  # the modes run this many times in turn (A B C A B C ...), repeats pooled
     samplers: tuple[str | None, ...] = (None,)  # generate: each mode runs once per sampler; None for the others
-
-
-def _int(opts: dict, key: str, default: int, range_key: str | None = None) -> int:
-    if key not in opts:
-        return default
-    raw = opts.pop(key)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"--{key}={raw} is not an integer") from None
-    check_range(range_key or key, value, key)
-    return value
 
 
 def parse_options(opts: dict) -> Options:
     """Take bench's own options out of opts (the rest are config overrides); bad values are UserErrors."""
-    table = modes.MODES
+    table, given = modes.MODES, set(opts)
     installed = {m.package: util.find_spec(m.package) is not None for m in table.values() if m.package}
     # The default leaves out the modes whose package is missing; naming one of them is refused.
     default = ",".join(n for n, m in table.items() if installed.get(m.package, True))
@@ -73,12 +64,12 @@ def parse_options(opts: dict) -> Options:
     missing = [table[n] for n in names if not installed.get(table[n].package, True)]
     if missing:
         raise UserError(missing[0].missing)
-    workload = opts.pop("workload", "train")
+    workload = take(opts, "workload", _O["workload"])
     if workload not in WORKLOADS:
         raise UserError(f"--workload={workload}: use one of {', '.join(WORKLOADS)}")
     samplers: tuple[str | None, ...] = (None,)
     if workload == "generate":
-        samplers = tuple(dict.fromkeys(s.strip() for s in opts.pop("sampler", ",".join(SAMPLERS)).split(",")
+        samplers = tuple(dict.fromkeys(s.strip() for s in take(opts, "sampler", _O["sampler"]).split(",")
                                        if s.strip()))
         bad = [s for s in samplers if s not in SAMPLERS]
         if bad or not samplers:
@@ -98,13 +89,12 @@ def parse_options(opts: dict) -> Options:
             raise UserError(f"--sweep={raw}: values must be integers, e.g. --sweep={sweep_key}:1,4,16") from None
         if any(v < 1 for v in values) or len(set(values)) != len(values):
             raise UserError(f"--sweep={raw}: values must be distinct and at least 1")
-    steps = _int(opts, "steps", 20)
-    return Options(modes=tuple(dict.fromkeys(names)), workload=workload, steps=steps,
-                   eager_steps=_int(opts, "eager_steps", min(steps, 3)), warmup=_int(opts, "warmup", 2),
-                   repeats=_int(opts, "repeats", 5), sweep_key=sweep_key, sweep_values=values,
-                   out=expand_path(opts.pop("out", "")),
-                   max_new_tokens=_int(opts, "max_new_tokens", 64, "bench_max_new_tokens"),
-                   rounds=_int(opts, "rounds", 1), samplers=samplers)
+    counts = {k: take(opts, k, _O[k]) for k in ("steps", "eager_steps", "warmup", "repeats", "max_new_tokens",
+                                                 "rounds")}  # range-checked when given
+    if "eager_steps" not in given:
+        counts["eager_steps"] = min(counts["steps"], counts["eager_steps"])
+    return Options(modes=tuple(dict.fromkeys(names)), workload=workload, sweep_key=sweep_key, sweep_values=values,
+                   out=take(opts, "out", _O["out"]), samplers=samplers, **counts)
 
 
 def host_info() -> dict:
