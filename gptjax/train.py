@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from gptjax import checkpoint, data, model, optim, parallel, rundir
+from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig, check_range, expand_path, resumed
 from gptjax.errors import Stopped, UserError
 
@@ -237,7 +238,7 @@ def setup(config: Config):
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
     check_memory(config)
-    graphdef, params = model.split(model.create(config.model, config.train.seed, model.compute_of(config)))
+    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
     return config, prep, graphdef, params, optim.make_optimizer(config.train, params)
 
 
@@ -394,7 +395,7 @@ def _train(config: Config, saved: Config | None, t0: float, progress: bool, repl
         return UserError(f"step {step}: {what} is not finite, so training stopped; {keep}. Lower --learning_rate "
                          "(or set --grad_clip) and train again")
 
-    compute = model.compute_of(config)
+    compute = compute_of(config)
     say = print if lead else (lambda *a, **k: None)  # only process 0 prints
     say(f"{m.model}: {model.num_params(params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
           f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "

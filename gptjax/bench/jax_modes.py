@@ -12,10 +12,11 @@ import numpy as np
 
 from gptjax import model, optim, parallel, sample, train
 from gptjax.bench.worker import n_calls, time_calls
+from gptjax.compute import Compute, compute_of
 from gptjax.config import Config
 
 
-def load_params(c, path: str, compute: model.Compute):
+def load_params(c, path: str, compute: Compute):
     """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree, and the
     graphdef that runs them as `compute` (parameters are float32 and per-layer whatever it is)."""
     like = model.abstract_params(c)
@@ -30,7 +31,7 @@ def run(spec: dict) -> dict:
     mode, workload, sampler = spec["mode"], spec["workload"], spec.get("sampler")
     eager = mode == "jax_eager"
     devices = jax.devices() if mode == "jax_jit_dp" else jax.devices()[:1]
-    compute = model.compute_of(config) if c.model == "gpt" else model.Compute()
+    compute = compute_of(config) if c.model == "gpt" else Compute()
     graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
@@ -121,7 +122,7 @@ def run(spec: dict) -> dict:
     }
 
 
-def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None,
+def describe(eager: bool, compute: Compute | None, workload: str, sampler: str | None,
              impl: str = "sharded") -> str:
     """The record's detail: how the mode ran; compute None for the bigram."""
     parts = ["jax.disable_jit()" if eager else "jax.jit" if impl == "sharded" else f"jax.{impl}"]
