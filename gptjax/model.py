@@ -69,28 +69,30 @@ class CausalSelfAttention(nnx.Module):
         self.dropout = c.dropout
         self.attention = compute.attention
 
-    def __call__(self, x_BTD, key=None, kv=None, pos=None):
-        """Causal self-attention over x; with kv=(k, v) caches [B, S, H, K] and the absolute position `pos` of
-        x's first token, x's keys and values are written into the caches at pos and the queries attend to every
-        cached position up to their own: returns (y, (k, v))."""
+    def __call__(self, x_BTD, cache=None, pos=0, key=None):
+        """(cache, y): causal self-attention over x, whose first token is at absolute position `pos`.
+
+        With a cache (k, v), each [B, S, H, K], x's keys and values are written into it at pos and the queries
+        attend to every cached position up to their own; without one (None in, None out) x attends to itself.
+        """
         B, T, D = x_BTD.shape
         H = self.n_head
         k_att, k_res = jax.random.split(key) if key is not None else (None, None)
         q_BTHK, k_BTHK, v_BTHK = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3 * H, D // H), 3, axis=2)
         scale = 1.0 / math.sqrt(D // H)
-        if kv is not None:
-            k_BSHK = jax.lax.dynamic_update_slice(kv[0], k_BTHK.astype(kv[0].dtype), (0, pos, 0, 0))
-            v_BSHK = jax.lax.dynamic_update_slice(kv[1], v_BTHK.astype(kv[1].dtype), (0, pos, 0, 0))
+        if cache is not None:
+            k_BSHK = jax.lax.dynamic_update_slice(cache[0], k_BTHK.astype(cache[0].dtype), (0, pos, 0, 0))
+            v_BSHK = jax.lax.dynamic_update_slice(cache[1], v_BTHK.astype(cache[1].dtype), (0, pos, 0, 0))
             mask_TS = jnp.arange(k_BSHK.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
-            y_BTD = _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, 0.0, None).reshape(B, T, D)
-            return self.c_proj(y_BTD), (k_BSHK, v_BSHK)
-        if self.attention == "einsum":
+            y_BTHK = _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, self.dropout, k_att)
+            cache = (k_BSHK, v_BSHK)
+        elif self.attention == "einsum":
             causal_TT = jnp.tril(jnp.ones((T, T), bool))
             y_BTHK = _einsum_attention(q_BTHK, k_BTHK, v_BTHK, causal_TT, scale, self.dropout, k_att)
         else:
             y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=scale, is_causal=True,
                                                   implementation=self.attention)
-        return dropout(self.c_proj(y_BTHK.reshape(B, T, D)), self.dropout, k_res)
+        return cache, dropout(self.c_proj(y_BTHK.reshape(B, T, D)), self.dropout, k_res)
 
 
 def _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, rate, key):
@@ -120,29 +122,30 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(c.n_embd, c.bias)
         self.mlp = MLP(c, rngs, compute)
 
-    def __call__(self, x_BTD, key=None, kv=None, pos=None):
-        """x (float32 residual stream) -> x; with a kv cache (see CausalSelfAttention) -> (x, kv)."""
+    def __call__(self, x_BTD, cache=None, pos=0, key=None):
+        """(cache, x): the float32 residual stream through attention and MLP; the cache as CausalSelfAttention's."""
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        if kv is not None:
-            a_BTD, kv = self.attn(self.ln_1(x_BTD), kv=kv, pos=pos)
-        else:
-            a_BTD = self.attn(self.ln_1(x_BTD), k_attn)
+        cache, a_BTD = self.attn(self.ln_1(x_BTD), cache, pos, k_attn)
         x_BTD = x_BTD + a_BTD.astype(jnp.float32)
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), k_mlp).astype(jnp.float32)
-        return x_BTD if kv is None else (x_BTD, kv)
+        return cache, x_BTD
 
 
 def _block_fn(block_graphdef, remat: bool):
-    """(block state, x, key) -> x: one block as a pure function, rematerialised in the backward pass if asked."""
+    """(block state, x, cache, pos, key) -> (cache, x): one block as a pure function, rematerialised in the
+    backward pass if asked."""
 
-    def f(state, x_BTD, key):
-        return nnx.merge(block_graphdef, state)(x_BTD, key)
+    def f(state, x_BTD, cache, pos, key):
+        return nnx.merge(block_graphdef, state)(x_BTD, cache, pos, key)
 
     return jax.checkpoint(f) if remat else f
 
 
 class GPT(nnx.Module):
-    """Token + position embeddings, n_layer pre-LN blocks, final LayerNorm, LM head (tied to wte by default)."""
+    """Token + position embeddings, n_layer pre-LN blocks, final LayerNorm, LM head (tied to wte by default).
+
+    Training, evaluation and decoding run one forward pass (`forward`); only decoding passes a KV cache.
+    """
 
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
         self.config = c
@@ -155,27 +158,50 @@ class GPT(nnx.Module):
 
     def __call__(self, idx_BT, key=None):
         """Logits [B, T, V] in float32; key=None runs without dropout."""
+        return self.forward(idx_BT, key=key)[1]
+
+    def decode(self, idx_BT, cache, pos):
+        """Logits [B, T, V] for tokens at absolute positions pos..pos+T-1, attending to the cache's earlier
+        positions, and the cache with these tokens' keys and values written in: (logits, cache).
+
+        pos + T must not exceed block_size. A prefill is decode(prompt, init_cache(B), 0); each next token is
+        decode(token[:, None], cache, pos). Without dropout.
+        """
+        cache, logits_BTV = self.forward(idx_BT, cache, pos)
+        return logits_BTV, cache
+
+    def forward(self, idx_BT, cache=None, pos=0, key=None):
+        """(cache, logits [B, T, V] in float32) for tokens at positions pos..pos+T-1; cache None in, None out."""
         T = idx_BT.shape[1]
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
-        L = self.config.n_layer
-        keys = jax.random.split(key, L + 1) if key is not None else None
-        x_BTD = self.wte(idx_BT) + self.wpe(jnp.arange(T))
+        keys = jax.random.split(key, self.config.n_layer + 1) if key is not None else None
+        x_BTD = self.wte(idx_BT) + jax.lax.dynamic_slice_in_dim(self.wpe.weight[...], pos, T)
         x_BTD = dropout(x_BTD, self.config.dropout, None if keys is None else keys[0])
-        graphdef = nnx.split(self.h[0])[0]
-        block = _block_fn(graphdef, self.compute.remat)
+        cache, x_BTD = self._blocks(x_BTD, cache, pos, None if keys is None else keys[1:])
+        return cache, self._logits(self.ln_f(x_BTD))
+
+    def _blocks(self, x_BTD, cache, pos, keys):
+        """(cache, x) through the n_layer blocks, unrolled or by a scan (Compute.scan), remat or not."""
+        block = _block_fn(nnx.split(self.h[0])[0], self.compute.remat)
         states = [nnx.split(b)[1] for b in self.h]
         if self.compute.scan:
             # The per-layer parameters are stacked here, inside the traced function: the scan compiles one block,
             # and checkpoints keep nanoGPT's per-layer layout. The copy costs one read and write of the blocks.
+            # A cache is stacked from the start (init_cache), so decoding copies nothing per step.
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-            if keys is None:
-                x_BTD, _ = jax.lax.scan(lambda x, s: (block(s, x, None), None), x_BTD, stacked)
-            else:
-                x_BTD, _ = jax.lax.scan(lambda x, sk: (block(sk[0], x, sk[1]), None), x_BTD, (stacked, keys[1:]))
-        else:
-            for i, state in enumerate(states):
-                x_BTD = block(state, x_BTD, None if keys is None else keys[i + 1])
-        return self._logits(self.ln_f(x_BTD))
+
+            def layer(x_BTD, xs):
+                state, cache, key = xs
+                cache, x_BTD = block(state, x_BTD, cache, pos, key)
+                return x_BTD, cache
+
+            x_BTD, cache = jax.lax.scan(layer, x_BTD, (stacked, cache, keys))
+            return cache, x_BTD
+        caches = []
+        for i, state in enumerate(states):
+            c, x_BTD = block(state, x_BTD, None if cache is None else cache[i], pos, None if keys is None else keys[i])
+            caches.append(c)
+        return (None if cache is None else caches), x_BTD
 
     def _logits(self, x_BTD):
         dt = self.compute.jdtype
@@ -186,26 +212,15 @@ class GPT(nnx.Module):
         return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), w_DV.astype(dt), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch_size: int):
-        """Key and value caches for decode: n_layer x (k, v), each [B, block_size, n_head, head size], zeros."""
+        """Key and value caches for decode, zeros: n_layer x (k, v), each [B, block_size, n_head, head size];
+        with Compute.scan one (k, v) whose arrays hold the layers stacked, [n_layer, B, ...]."""
         c = self.config
         shape = (batch_size, c.block_size, c.n_head, c.n_embd // c.n_head)
+        if self.compute.scan:
+            shape = (c.n_layer, *shape)
+            return jnp.zeros(shape, self.compute.jdtype), jnp.zeros(shape, self.compute.jdtype)
         return [(jnp.zeros(shape, self.compute.jdtype), jnp.zeros(shape, self.compute.jdtype))
                 for _ in range(c.n_layer)]
-
-    def decode(self, idx_BT, cache, pos):
-        """Logits [B, T, V] for tokens at absolute positions pos..pos+T-1, attending to the cache's earlier
-        positions, and the cache with these tokens' keys and values written in: (logits, cache).
-
-        pos + T must not exceed block_size. A prefill is decode(prompt, init_cache(B), 0); each next token is
-        decode(token[:, None], cache, pos). Without dropout.
-        """
-        T = idx_BT.shape[1]
-        x_BTD = self.wte(idx_BT) + jax.lax.dynamic_slice_in_dim(self.wpe.weight[...], pos, T)
-        new = []
-        for block, kv in zip(self.h, cache):
-            x_BTD, kv = block(x_BTD, kv=kv, pos=pos)
-            new.append(kv)
-        return self._logits(self.ln_f(x_BTD)), new
 
 
 class Bigram(nnx.Module):

@@ -62,7 +62,7 @@ def test_causal_by_gradients(model_kind):
             m = __import__("flax").nnx.merge(graphdef, params)
             x_BTD = (onehot_TV @ emb)[None] + m.wpe.weight[...][:16][None]
             for block in m.h:
-                x_BTD = block(x_BTD)
+                _, x_BTD = block(x_BTD)
             return (m.ln_f(x_BTD) @ emb.T)[0, t].sum()
 
         onehot = jax.nn.one_hot(x[0], 37)
@@ -171,9 +171,11 @@ def test_attention_is_its_definition_on_every_path():
     def forward(graphdef, state, cached: bool):
         attn = nnx.merge(graphdef, state)
         if not cached:
-            return attn(jnp.asarray(x))
-        y1, kv = attn(jnp.asarray(x[:, :5]), kv=(jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K))), pos=0)
-        return jnp.concatenate([y1, attn(jnp.asarray(x[:, 5:]), kv=kv, pos=5)[0]], axis=1)
+            none, y = attn(jnp.asarray(x))
+            assert none is None
+            return y
+        kv, y1 = attn(jnp.asarray(x[:, :5]), (jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K))), 0)
+        return jnp.concatenate([y1, attn(jnp.asarray(x[:, 5:]), kv, 5)[1]], axis=1)
 
     for attention, cached in (("einsum", False), ("xla", False), ("einsum", True)):
         compute = Compute(attention=attention)
