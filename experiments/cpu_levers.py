@@ -57,18 +57,18 @@ def one_pass_layer_norm(self, x_BTD):
 
 def attention(layout: str):
     """Causal self-attention (no dropout) with heads-major q/k/v, or through jax.nn.dot_product_attention."""
-    def call(self, x_BTD, key=None):
+    def call(self, x_BTD, cache=None, pos=0, key=None):
         B, T, D = x_BTD.shape
         H, K = self.n_head, D // self.n_head
         qkv = self.c_attn(x_BTD).reshape(B, T, 3, H, K)
         if layout == "dpa":
             y_BTHK = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True,
                                                   implementation="xla")
-            return self.c_proj(y_BTHK.reshape(B, T, D))
+            return cache, self.c_proj(y_BTHK.reshape(B, T, D))
         q_BHTK, k_BHTK, v_BHTK = qkv.transpose(2, 0, 3, 1, 4)
         att_BHTT = (q_BHTK @ jnp.swapaxes(k_BHTK, -1, -2)) * (1.0 / math.sqrt(K))
         att_BHTT = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), att_BHTT, -jnp.inf), axis=-1)
-        return self.c_proj((att_BHTT @ v_BHTK).transpose(0, 2, 1, 3).reshape(B, T, D))
+        return cache, self.c_proj((att_BHTT @ v_BHTK).transpose(0, 2, 1, 3).reshape(B, T, D))
     return call
 
 

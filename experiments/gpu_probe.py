@@ -21,8 +21,9 @@ import time
 
 import jax
 
-from gptjax import data, evaluate, model, optim, parallel, train
+from gptjax import data, evaluate, optim, parallel, train
 from gptjax.args import Option, options
+from gptjax.compute import compute_of
 from gptjax.config import load_config
 
 
@@ -35,7 +36,7 @@ def main(argv):
     config = load_config(args.config, args.rest)
     config, prep, graphdef, params, tx = evaluate.setup(config)
     t, m = config.train, config.model
-    compute = model.compute_of(config)
+    compute = compute_of(config)
     mesh = parallel.data_mesh(t.batch_size) if use_mesh else None
     step = train.make_train_step(graphdef, tx, t, mesh)
     state = optim.init_state(params, tx)

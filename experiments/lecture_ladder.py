@@ -20,7 +20,8 @@ from flax import nnx
 
 from gptjax import model, research
 from gptjax.errors import UserError
-from gptjax.model import Embedding, LayerNorm, Linear, dropout
+from gptjax.model import Embedding, LayerNorm, Linear
+from gptjax.ops import dropout
 
 
 @dataclasses.dataclass(frozen=True)

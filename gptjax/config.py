@@ -11,6 +11,7 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 
+from gptjax import registry
 from gptjax.errors import UserError
 
 
@@ -369,10 +370,8 @@ def validate(config: Config) -> None:
         for f in dataclasses.fields(section):
             if f.name in RANGES:
                 check_range(f.name, getattr(section, f.name))
-    if m.model not in ("gpt", "bigram"):
-        from gptjax import model  # a registered research model, or package.module:factory
-
-        model.factory_for(m.model)
+    if m.model not in registry.BUILTIN_MODELS:  # a registered research model, or package.module:factory
+        registry.research_factory(m.model)
     if m.model == "gpt" and m.n_embd % m.n_head:
         raise UserError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
     if t.init_from not in ("scratch", "resume"):

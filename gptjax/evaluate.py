@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from gptjax import data, model, optim, parallel, rundir
+from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig, check_range
 from gptjax.errors import UserError
 
@@ -91,7 +92,7 @@ def setup(config: Config, prep: data.Prepared | None = None):
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
     check_memory(config)
-    graphdef, params = model.split(model.create(config.model, config.train.seed, model.compute_of(config)))
+    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
     return config, prep, graphdef, params, optim.make_optimizer(config.train, params)
 
 

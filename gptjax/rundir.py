@@ -9,6 +9,7 @@ import os
 import shutil
 
 from gptjax import checkpoint, data, model, tokenizers
+from gptjax.compute import compute_of
 from gptjax.config import Config, validate
 from gptjax.errors import UserError
 from gptjax.optim import init_state, make_optimizer
@@ -265,7 +266,7 @@ def _model_of(out_dir: str, compute: dict):
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
     settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", **compute}
     graphdef, params = model.split(model.create(config.model, config.train.seed,
-                                                model.compute_of(config, False, **settings)))
+                                                compute_of(config, False, **settings)))
     return config, graphdef, params
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import checkpoint, data, evaluate, model, optim, parallel
+from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig
 from gptjax.run import Run, StopOnSignal
 
@@ -165,7 +166,7 @@ def _loop(run: Run, prep: data.Prepared, graphdef, tx, layout: parallel.Layout, 
 def _describe(config: Config, prep: data.Prepared, params, mesh) -> str:
     """The opening line: the model, the data, and how the step runs."""
     m, t = config.model, config.train
-    compute = model.compute_of(config)
+    compute = compute_of(config)
     return (f"{m.model}: {model.num_params(params) / 1e6:.2f}M parameters, vocab {m.vocab_size}, "
             f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
             f"{t.step_impl} step on {parallel.describe_devices(mesh)}" + (

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import model
+from gptjax import model, ops
+from gptjax.compute import Compute
 from gptjax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
@@ -61,7 +62,7 @@ def test_causal_by_gradients(model_kind):
             m = __import__("flax").nnx.merge(graphdef, params)
             x_BTD = (onehot_TV @ emb)[None] + m.wpe.weight[...][:16][None]
             for block in m.h:
-                x_BTD = block(x_BTD)
+                _, x_BTD = block(x_BTD)
             return (m.ln_f(x_BTD) @ emb.T)[0, t].sum()
 
         onehot = jax.nn.one_hot(x[0], 37)
@@ -144,7 +145,7 @@ def test_custom_linear_gradient_matches_autodiff():
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x, w = jax.random.normal(kx, (3, 5, 8)), jax.random.normal(kw, (8, 6))
     g = jax.random.normal(kg, (3, 5, 6))
-    _, vjp = jax.vjp(model.linear, x, w)
+    _, vjp = jax.vjp(ops.linear, x, w)
     _, vjp_ref = jax.vjp(lambda a, b: a @ b, x, w)
     for a, b in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -170,12 +171,14 @@ def test_attention_is_its_definition_on_every_path():
     def forward(graphdef, state, cached: bool):
         attn = nnx.merge(graphdef, state)
         if not cached:
-            return attn(jnp.asarray(x))
-        y1, kv = attn(jnp.asarray(x[:, :5]), kv=(jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K))), pos=0)
-        return jnp.concatenate([y1, attn(jnp.asarray(x[:, 5:]), kv=kv, pos=5)[0]], axis=1)
+            none, y = attn(jnp.asarray(x))
+            assert none is None
+            return y
+        kv, y1 = attn(jnp.asarray(x[:, :5]), (jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K))), 0)
+        return jnp.concatenate([y1, attn(jnp.asarray(x[:, 5:]), kv, 5)[1]], axis=1)
 
     for attention, cached in (("einsum", False), ("xla", False), ("einsum", True)):
-        compute = model.Compute(attention=attention)
+        compute = Compute(attention=attention)
         graphdef, state = nnx.split(model.CausalSelfAttention(c, nnx.Rngs(params=0), compute))
         state = jax.tree.map(lambda w: 15 * w + 0.1, state)
         want = definition({k: np.asarray(v, np.float64) for k, v in model.param_names(state).items()})

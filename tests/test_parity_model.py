@@ -177,13 +177,13 @@ def _port_attention(scale_by_width: bool):
     """CausalSelfAttention.__call__ (without dropout) as a port writes it; scale_by_width divides the scores by
     sqrt(n_embd) where nanoGPT divides by sqrt(head size)."""
 
-    def call(self, x_BTD, key=None):
+    def call(self, x_BTD, cache=None, pos=0, key=None):
         B, T, D = x_BTD.shape
         H = self.n_head
         q_BTHK, k_BTHK, v_BTHK = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3 * H, D // H), 3, axis=2)
         att_BHTT = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) / math.sqrt(D if scale_by_width else D // H)
         att_BHTT = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), att_BHTT, -jnp.inf), axis=-1)
-        return self.c_proj(jnp.einsum("bhts,bshk->bthk", att_BHTT, v_BTHK).reshape(B, T, D))
+        return cache, self.c_proj(jnp.einsum("bhts,bshk->bthk", att_BHTT, v_BTHK).reshape(B, T, D))
 
     return call
 
@@ -205,9 +205,10 @@ def test_post_layernorm_residual_disagreement_is_detected(monkeypatch):
     nanoGPT (GPT-2) adds sublayer(LayerNorm(x)) to the residual stream: the parity check must see it."""
     c, x, y = _case()
 
-    def post_ln(self, x_BTD, key=None):
-        x_BTD = self.ln_1(x_BTD + self.attn(x_BTD))
-        return self.ln_2(x_BTD + self.mlp(x_BTD))
+    def post_ln(self, x_BTD, cache=None, pos=0, key=None):
+        cache, a_BTD = self.attn(x_BTD, cache, pos)
+        x_BTD = self.ln_1(x_BTD + a_BTD)
+        return cache, self.ln_2(x_BTD + self.mlp(x_BTD))
 
     monkeypatch.setattr(model.Block, "__call__", post_ln)
     r = parity.forward_backward(c, _weights(c, 0), x, y)

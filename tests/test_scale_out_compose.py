@@ -18,6 +18,7 @@ COMPOSE = textwrap.dedent("""
     import numpy as np
     jax.config.update("jax_log_compiles", True)
     from gptjax import model, optim, parallel, train
+    from gptjax.compute import Compute
     from gptjax.config import ModelConfig, TrainConfig
 
     compiles = []
@@ -58,7 +59,7 @@ COMPOSE = textwrap.dedent("""
     cases = json.loads(os.environ["CASES"])
     out = {}
     for dtype in ("float32", "bfloat16"):
-        graphdef, params = model.split(model.create(c, 0, model.Compute(dtype=dtype, scan=True)))
+        graphdef, params = model.split(model.create(c, 0, Compute(dtype=dtype, scan=True)))
         for name, (impl, spec) in {"one": (None, None), **cases}.items():
             out[f"{dtype} {name}"] = run(graphdef, params, t, impl, spec, tokens)
 

@@ -11,7 +11,7 @@ from gptjax.bench.protocol import Mode, Result
 from gptjax.bench.timing import n_calls, time_calls
 
 if TYPE_CHECKING:
-    from gptjax import model
+    from gptjax.compute import Compute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ MODES = (
 )
 
 
-def load_params(c, path: str, compute: model.Compute):
+def load_params(c, path: str, compute: Compute):
     """The initial weights the runner saved (nanoGPT names -> arrays), as gptjax's parameter pytree, and the
     graphdef that runs them as `compute` (parameters are float32 and per-layer whatever it is)."""
     import jax.numpy as jnp
@@ -55,7 +55,8 @@ def _run(mode: JaxMode, spec: dict) -> Result:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptjax import evaluate, model, optim, parallel, sample, train
+    from gptjax import evaluate, optim, parallel, sample, train
+    from gptjax.compute import Compute, compute_of
     from gptjax.config import Config
 
     config = Config.from_dict(spec["config"])
@@ -63,7 +64,7 @@ def _run(mode: JaxMode, spec: dict) -> Result:
     workload, sampler = spec["workload"], spec.get("sampler")
     eager = not mode.jit
     devices = jax.devices() if mode.data_parallel else jax.devices()[:1]
-    compute = model.compute_of(config) if c.model == "gpt" else model.Compute()
+    compute = compute_of(config) if c.model == "gpt" else Compute()
     graphdef, params = load_params(c, spec["params"], compute)
     n = n_calls(spec["steps"], spec["warmup"], spec["repeats"])
     x_NABT, y_NABT = np.load(spec["x"])[:n], np.load(spec["y"])[:n]
@@ -154,7 +155,7 @@ def _run(mode: JaxMode, spec: dict) -> Result:
     )
 
 
-def describe(eager: bool, compute: model.Compute | None, workload: str, sampler: str | None,
+def describe(eager: bool, compute: Compute | None, workload: str, sampler: str | None,
              impl: str = "sharded") -> str:
     """The record's detail: how the mode ran; compute None for the bigram."""
     parts = ["jax.disable_jit()" if eager else "jax.jit" if impl == "sharded" else f"jax.{impl}"]

@@ -1,0 +1,78 @@
+"""How a model runs (not what it computes): matmul dtype, attention kernel, scan, remat, resolved per device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How the forward pass runs; static (part of the graphdef), so each setting compiles its own program.
+
+    dtype: the dtype of matmul inputs and their outputs. LayerNorm statistics, softmax, the residual stream, the
+    logits and the loss stay float32, as under torch.autocast; parameters are float32 whatever it is.
+    attention: "einsum" (explicit scores, the only path with attention dropout), "xla" or "cudnn" (both through
+    jax.nn.dot_product_attention; cudnn is the fused flash kernel and needs a GPU and bfloat16).
+    scan: run the blocks with lax.scan over their parameters stacked at call time (compile time flat in depth).
+    remat: recompute each block's activations in the backward pass instead of storing them.
+    """
+
+    dtype: str = "float32"
+    attention: str = "einsum"
+    scan: bool = False
+    remat: bool = False
+
+    @property
+    def jdtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def supports_bfloat16(device=None) -> bool:
+    """bfloat16 matmuls at full speed: a TPU, or an NVIDIA GPU of compute capability 8.0 (Ampere) or later."""
+    device = device or jax.devices()[0]
+    if device.platform == "tpu":
+        return True
+    if device.platform == "gpu":
+        try:
+            return float(getattr(device, "compute_capability", "0")) >= 8.0
+        except ValueError:
+            return False
+    return False
+
+
+def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = False, remat: str = "none",
+                    attention_dropout: float = 0.0, device=None) -> Compute:
+    """The Compute for the command-line choices on `device` (default: JAX's first device).
+
+    auto dtype: bfloat16 where the device runs it fast (see supports_bfloat16), float32 elsewhere (a CPU).
+    auto attention: cudnn on a GPU in bfloat16 without attention dropout, the einsum path otherwise.
+    A choice the device or the settings cannot run is a UserError naming it and the fix.
+    """
+    device = device or jax.devices()[0]
+    dtype = ("bfloat16" if supports_bfloat16(device) else "float32") if dtype == "auto" else dtype
+    if attention == "auto":
+        attention = "cudnn" if (device.platform == "gpu" and dtype == "bfloat16" and attention_dropout == 0.0) \
+            else "einsum"
+    if attention == "cudnn" and device.platform != "gpu":
+        raise UserError(f"--attention=cudnn needs an NVIDIA GPU (this is a {device.platform}): use --attention=auto")
+    if attention == "cudnn" and dtype != "bfloat16":
+        raise UserError("--attention=cudnn runs in bfloat16 only: add --dtype=bfloat16, or use --attention=xla")
+    if attention in ("xla", "cudnn") and attention_dropout > 0.0:
+        raise UserError(f"--attention={attention} has no attention dropout and --dropout={attention_dropout}: use "
+                        "--attention=einsum (or auto), or --dropout=0")
+    return Compute(dtype=dtype, attention=attention, scan=scan, remat=remat == "block")
+
+
+def compute_of(config, training: bool = True, **changes) -> Compute:
+    """How this config's model runs on JAX's default device: the train settings dtype, attention, scan_layers
+    and remat, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for eval). Without
+    training there is no dropout, so every attention path is open."""
+    t = dataclasses.replace(config.train, **changes)
+    return resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat,
+                                 config.model.dropout if training else 0.0)
+
