@@ -26,6 +26,7 @@ class ModelConfig:
     dropout: float = 0.0  # on attention weights, residual branches and embeddings
     bias: bool = False  # biases in Linear and LayerNorm layers (nanoGPT's train.py default)
     tie_weights: bool = True  # LM head shares the token embedding matrix
+    pos_encoding: str = "learned"  # learned (nanoGPT's wpe) | rope (rotary, on each head's queries and keys)
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,8 @@ RANGES = {
 
 # The settings that take one of a few words (sample and eval take dtype and attention too).
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "einsum", "xla", "cudnn"),
-           "remat": ("none", "block"), "step_impl": ("sharded", "shard_map", "pmap")}
+           "remat": ("none", "block"), "step_impl": ("sharded", "shard_map", "pmap"),
+           "pos_encoding": ("learned", "rope")}
 
 
 def check_choice(key: str, value: str) -> None:
@@ -374,12 +376,15 @@ def validate(config: Config) -> None:
         registry.research_factory(m.model)
     if m.model == "gpt" and m.n_embd % m.n_head:
         raise UserError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    if m.model == "gpt" and m.pos_encoding == "rope" and m.n_embd // m.n_head % 2:
+        raise UserError(f"--pos_encoding=rope turns pairs of features: the head size n_embd/n_head="
+                        f"{m.n_embd // m.n_head} must be even")
     if t.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from={t.init_from}: use scratch or resume")
     if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:
         raise UserError(f"--lr_decay_iters={t.lr_decay_iters} must exceed --warmup_iters={t.warmup_iters}")
     for key in CHOICES:
-        check_choice(key, getattr(t, key))
+        check_choice(key, getattr(t if hasattr(t, key) else m, key))
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")
 

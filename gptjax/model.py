@@ -68,6 +68,7 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = c.n_head
         self.dropout = c.dropout
         self.attention = compute.attention
+        self.rope = c.pos_encoding == "rope"
 
     def __call__(self, x_BTD, cache=None, pos=0, key=None):
         """(cache, y): causal self-attention over x, whose first token is at absolute position `pos`.
@@ -79,6 +80,8 @@ class CausalSelfAttention(nnx.Module):
         H = self.n_head
         k_att, k_res = jax.random.split(key) if key is not None else (None, None)
         q_BTHK, k_BTHK, v_BTHK = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3 * H, D // H), 3, axis=2)
+        if self.rope:
+            q_BTHK, k_BTHK = rope(q_BTHK, pos), rope(k_BTHK, pos)
         scale = 1.0 / math.sqrt(D // H)
         if cache is not None:
             k_BSHK = jax.lax.dynamic_update_slice(cache[0], k_BTHK.astype(cache[0].dtype), (0, pos, 0, 0))
@@ -93,6 +96,18 @@ class CausalSelfAttention(nnx.Module):
             y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, scale=scale, is_causal=True,
                                                   implementation=self.attention)
         return cache, dropout(self.c_proj(y_BTHK.reshape(B, T, D)), self.dropout, k_res)
+
+
+def rope(x_BTHK, pos):
+    """Rotary position embedding (RoFormer, in GPT-NeoX's rotate-half layout): features i and i + K/2 of each head
+    turned by the angle position * 10000^(-2i/K), for the positions pos..pos+T-1; in float32, returned in x's dtype."""
+    T, K = x_BTHK.shape[1], x_BTHK.shape[3]
+    inv_freq_F = 1.0 / 10000.0 ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angle_TF = (pos + jnp.arange(T, dtype=jnp.float32))[:, None] * inv_freq_F[None, :]
+    cos_1T1F, sin_1T1F = jnp.cos(angle_TF)[None, :, None, :], jnp.sin(angle_TF)[None, :, None, :]
+    x1_BTHF, x2_BTHF = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1_BTHF * cos_1T1F - x2_BTHF * sin_1T1F, x2_BTHF * cos_1T1F + x1_BTHF * sin_1T1F],
+                           axis=-1).astype(x_BTHK.dtype)
 
 
 def _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, rate, key):
@@ -142,7 +157,7 @@ def _block_fn(block_graphdef, remat: bool):
 
 
 class GPT(nnx.Module):
-    """Token + position embeddings, n_layer pre-LN blocks, final LayerNorm, LM head (tied to wte by default).
+    """Token (+ learned position) embeddings, n_layer pre-LN blocks, final LayerNorm, LM head (tied to wte by default).
 
     Training, evaluation and decoding run one forward pass (`forward`); only decoding passes a KV cache.
     """
@@ -151,7 +166,7 @@ class GPT(nnx.Module):
         self.config = c
         self.compute = compute
         self.wte = Embedding(c.vocab_size, c.n_embd, 0.02, rngs)
-        self.wpe = Embedding(c.block_size, c.n_embd, 0.02, rngs)
+        self.wpe = Embedding(c.block_size, c.n_embd, 0.02, rngs) if c.pos_encoding == "learned" else None
         self.h = nnx.List([Block(c, rngs, compute) for _ in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.bias)
         self.lm_head = None if c.tie_weights else Linear(c.n_embd, c.vocab_size, False, 0.02, rngs, compute.dtype)
@@ -175,7 +190,9 @@ class GPT(nnx.Module):
         T = idx_BT.shape[1]
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
         keys = jax.random.split(key, self.config.n_layer + 1) if key is not None else None
-        x_BTD = self.wte(idx_BT) + jax.lax.dynamic_slice_in_dim(self.wpe.weight[...], pos, T)
+        x_BTD = self.wte(idx_BT)
+        if self.wpe is not None:  # learned positions; with rope, attention turns queries and keys instead
+            x_BTD = x_BTD + jax.lax.dynamic_slice_in_dim(self.wpe.weight[...], pos, T)
         x_BTD = dropout(x_BTD, self.config.dropout, None if keys is None else keys[0])
         cache, x_BTD = self._blocks(x_BTD, cache, pos, None if keys is None else keys[1:])
         return cache, self._logits(self.ln_f(x_BTD))

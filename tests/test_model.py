@@ -8,7 +8,8 @@ from flax import nnx
 
 from gptjax import model, ops
 from gptjax.compute import Compute
-from gptjax.config import ModelConfig
+from gptjax.config import Config, ModelConfig, validate
+from gptjax.errors import UserError
 
 CFG = ModelConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 
@@ -203,3 +204,39 @@ def test_dropout_only_with_a_key():
 def test_untied_head_has_its_own_matrix():
     graphdef, params = model.split(model.create(dataclasses.replace(CFG, tie_weights=False), 0))
     assert params["lm_head"]["weight"][...].shape == (32, 37)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """RoPE turns q and k so that q·k depends on their offset, not on where both sit: the scores at positions
+    0..T-1 equal those at 5..T+4; each vector keeps its length; and the rotation does change the scores."""
+    q, k = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8, 1, 16))
+
+    def scores(pos):
+        return jnp.einsum("bthk,bshk->bts", model.rope(q, pos), model.rope(k, pos))
+
+    np.testing.assert_allclose(scores(0), scores(5), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(model.rope(q, 3), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-6)
+    assert float(jnp.abs(scores(0) - jnp.einsum("bthk,bshk->bts", q, k)).max()) > 0.1
+
+
+def test_rope_gpt_has_no_wpe_and_decodes_as_its_full_forward():
+    c = dataclasses.replace(CFG, pos_encoding="rope")
+    for compute in (Compute(), Compute(scan=True)):
+        graphdef, params = model.split(model.create(c, 0, compute))
+        assert not any(name.startswith("wpe.") for name in model.param_names(params))
+        x = _tokens(B=2)
+        full = model.apply(graphdef, params, x)
+        logits, cache = model.decode(graphdef, params, x[:, :5], model.init_cache(graphdef, params, 2), 0)
+        steps = [logits]
+        for t in range(5, c.block_size):
+            logits, cache = model.decode(graphdef, params, x[:, t:t + 1], cache, t)
+            steps.append(logits)
+        assert float(jnp.abs(jnp.concatenate(steps, axis=1) - full).max()) <= 1e-5
+
+
+def test_pos_encoding_is_checked():
+    with pytest.raises(UserError, match="use one of learned, rope"):
+        validate(Config(model=dataclasses.replace(CFG, pos_encoding="alibi")))
+    with pytest.raises(UserError, match="head size n_embd/n_head=3 must be even"):
+        validate(Config(model=dataclasses.replace(CFG, n_embd=12, pos_encoding="rope")))
+    validate(Config(model=dataclasses.replace(CFG, pos_encoding="rope")))

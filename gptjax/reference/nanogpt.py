@@ -29,6 +29,16 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def rope(x, pos: int):
+    """Rotary position embedding of x [B, nh, T, hs] at positions pos..pos+T-1: gptjax.model.rope's rotate-half."""
+    T, K = x.size(2), x.size(3)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, K, 2, dtype=torch.float32, device=x.device) / K)
+    angle = (pos + torch.arange(T, dtype=torch.float32, device=x.device))[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, c: ModelConfig, sdpa: bool = False):
         super().__init__()
@@ -38,11 +48,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(c.dropout)
         self.n_head, self.n_embd, self.block_size, self.dropout = c.n_head, c.n_embd, c.block_size, c.dropout
         self.sdpa = sdpa  # F.scaled_dot_product_attention (fused kernels) instead of the explicit softmax
+        self.rope = c.pos_encoding == "rope"
 
-    def _qkv(self, x):
+    def _qkv(self, x, pos: int = 0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        return (rope(q, pos), rope(k, pos), v) if self.rope else (q, k, v)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -62,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         [B, nh, block_size, hs] (None: allocate one), and each query attends to the cached positions up to its
         own. Returns (y, cache). No dropout: this is for sampling."""
         B, T, C = x.size()
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, pos)
         if cache is None:
             cache = tuple(t.new_zeros(B, self.n_head, self.block_size, C // self.n_head) for t in (k, v))
         k_cache, v_cache = cache
@@ -115,7 +127,7 @@ class GPT(nn.Module):
         self.config = c
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(c.vocab_size, c.n_embd),
-            wpe=nn.Embedding(c.block_size, c.n_embd),
+            **({"wpe": nn.Embedding(c.block_size, c.n_embd)} if c.pos_encoding == "learned" else {}),
             drop=nn.Dropout(c.dropout),
             h=nn.ModuleList([Block(c, sdpa) for _ in range(c.n_layer)]),
             ln_f=LayerNorm(c.n_embd, bias=c.bias),
@@ -135,12 +147,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
+    def _embed(self, idx, pos: int):
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:  # learned positions; with rope, attention turns queries and keys instead
+            x = x + self.transformer.wpe(torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device))
+        return self.transformer.drop(x)
+
     def forward(self, idx, targets=None):
         """(logits for every position, mean cross-entropy or None)."""
         T = idx.size(1)
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self._embed(idx, 0)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -165,8 +182,7 @@ class GPT(nn.Module):
         caches: one (k, v) per layer, or None to start (a prefill: decode(prompt, None, 0)). In eval mode."""
         T = idx.size(1)
         assert pos + T <= self.config.block_size, f"positions up to {pos + T} exceed block_size"
-        pos_ids = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos_ids))
+        x = self._embed(idx, pos)
         new = []
         for block, cache in zip(self.transformer.h, caches or [None] * len(self.transformer.h)):
             x, cache = block.decode(x, cache, pos)
