@@ -95,10 +95,10 @@ def help_lines(table: Table) -> list[str]:
     lines = []
     for name, o in table.items():
         key = range_key(name, o) or (name if o.range is not None else "")  # its range or choices, if any
-        facts = cfg.describe_value(key, o.kind, o.default) if key in cfg.RANGES or o.default is not None else "[str]"
+        facts = describe_value(key, o.kind, o.default) if key in cfg.RANGES or o.default is not None else "[str]"
         for typ in ("bool", "str", "int", "float"):  # an option's type shows in its metavar
             facts = facts.replace(f"[{typ}, ", "[")
-        lines.append(cfg.help_line(f"{name}={o.metavar}" if o.metavar else name, o.help, facts))
+        lines.append(help_line(f"{name}={o.metavar}" if o.metavar else name, o.help, facts))
     return lines
 
 
@@ -141,3 +141,58 @@ def from_fields(cls, metavars: dict[str, str]) -> Table:
     notes, defaults = field_notes(cls), cls()
     return {f.name: Option(metavars[f.name], getattr(defaults, f.name), notes[f.name])
             for f in dataclasses.fields(cls)}
+
+
+def descriptions() -> dict[str, str]:
+    """Every config key -> the one-line comment its dataclass field carries."""
+    from gptjax.config import SECTIONS
+
+    return {key: note for cls in SECTIONS.values() for key, note in field_notes(cls).items()}
+
+
+def describe_value(key: str, typ: type, default) -> str:
+    """`[TYPE, default D, range or choices]` as help shows it (the range from RANGES, the choices from CHOICES)."""
+    from gptjax.config import CHOICES, INT_MAX, RANGES
+
+    facts = [typ.__name__, f"default {default!r}" if isinstance(default, str) else f"default {default}"]
+    if key in RANGES and not _in_range(key, default):
+        facts[1] = "unset by default"  # a sentinel: the option is not in use unless given
+    if key in RANGES:
+        lo, hi, lo_open, hi_open = RANGES[key]
+        bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+        bounds += [f"{'<' if hi_open else '<='} {hi}"] if hi not in (None, INT_MAX, 2**32 - 1) else []
+        facts += [" and ".join(bounds)] if bounds else []
+    if key in CHOICES:
+        facts.append("one of " + "|".join(CHOICES[key]))
+    return f"[{', '.join(facts)}]"
+
+
+def _in_range(key: str, value) -> bool:
+    from gptjax.config import check_range
+
+    try:
+        check_range(key, value)
+    except (UserError, TypeError):
+        return False
+    return True
+
+
+def help_line(name: str, note: str, facts: str) -> str:
+    return f"  --{name:<32} {note} {facts}".rstrip()
+
+
+def help_text(config, preset: str) -> str:
+    """Every config key by section: its field's comment, type, its value in `config` (the preset's), range or
+    choices."""
+    import dataclasses
+
+    from gptjax.config import SECTIONS, field_types
+
+    notes, types = descriptions(), field_types()
+    lines = [f"config keys, --key=value (defaults: {preset}):"]
+    for section in SECTIONS:
+        lines.append(f" {section}:")
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            lines.append(help_line(f.name, notes.get(f.name, ""), describe_value(f.name, types[f.name][1], value)))
+    return "\n".join(lines)

@@ -169,12 +169,8 @@ PRESETS = {
 
 def field_types() -> dict[str, tuple[str, type]]:
     """Every overridable key -> (section, type)."""
-    out = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            out[f.name] = (section, hints[f.name])
-    return out
+    hints = {section: typing.get_type_hints(cls) for section, cls in SECTIONS.items()}
+    return {f.name: (s, hints[s][f.name]) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def _parse(key: str, raw, typ: type):
@@ -387,60 +383,6 @@ def validate(config: Config) -> None:
         check_choice(key, getattr(t if hasattr(t, key) else m, key))
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")
-
-
-def descriptions() -> dict[str, str]:
-    """Every config key -> the one-line comment its dataclass field carries (read from this file's source)."""
-    import inspect
-    import re
-
-    out = {}
-    for cls in SECTIONS.values():
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
-            if m:
-                out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def describe_value(key: str, typ: type, default) -> str:
-    """`[TYPE, default D, range or choices]` as help shows it (the range from RANGES, the choices from CHOICES)."""
-    facts = [typ.__name__, f"default {default!r}" if isinstance(default, str) else f"default {default}"]
-    if key in RANGES and not _in_range(key, default):
-        facts[1] = "unset by default"  # a sentinel: the option is not in use unless given
-    if key in RANGES:
-        lo, hi, lo_open, hi_open = RANGES[key]
-        bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
-        bounds += [f"{'<' if hi_open else '<='} {hi}"] if hi not in (None, INT_MAX, 2**32 - 1) else []
-        facts += [" and ".join(bounds)] if bounds else []
-    if key in CHOICES:
-        facts.append("one of " + "|".join(CHOICES[key]))
-    return f"[{', '.join(facts)}]"
-
-
-def _in_range(key: str, value) -> bool:
-    try:
-        check_range(key, value)
-    except (UserError, TypeError):
-        return False
-    return True
-
-
-def help_line(name: str, note: str, facts: str) -> str:
-    return f"  --{name:<32} {note} {facts}".rstrip()
-
-
-def help_text(config: Config, preset: str) -> str:
-    """Every config key by section: its field's comment, type, its value in `config` (the preset's), range or
-    choices."""
-    notes, types = descriptions(), field_types()
-    lines = [f"config keys, --key=value (defaults: {preset}):"]
-    for section in SECTIONS:
-        lines.append(f" {section}:")
-        for f in dataclasses.fields(getattr(config, section)):
-            value = getattr(getattr(config, section), f.name)
-            lines.append(help_line(f.name, notes.get(f.name, ""), describe_value(f.name, types[f.name][1], value)))
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

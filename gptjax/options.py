@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptjax.args import Option, from_fields, help_lines, parse
+from gptjax.args import Option, from_fields, help_lines, help_text, parse
 from gptjax.config import PRESETS, SampleConfig
 from gptjax.errors import UserError
 from gptjax.weights import FORMATS
@@ -132,7 +132,7 @@ def command_help(command: str, argv: list[str]) -> str:
             config = cfg.load_config(preset)
         except UserError:
             preset, config = DEFAULT_CONFIG, cfg.load_config(DEFAULT_CONFIG)
-        lines += ["", cfg.help_text(config, preset)]
+        lines += ["", help_text(config, preset)]
     return "\n".join(lines)
 
 

@@ -152,3 +152,20 @@ def test_a_failed_results_write_keeps_the_earlier_results_and_is_one_line(capsys
     err = user_error(capsys, "bench", "--config=tiny", "--modes=jax_jit", f"--out={out}")
     assert f"cannot write {out / 'results.png'} (No space left on device)" in err, err
     assert digest(tmp_path) == before
+
+
+def test_export_refuses_a_model_nanogpt_cannot_hold(tmp_path):
+    """nanoGPT's GPT is a learned-position, tied-head GPT: a rope, untied or bigram model is one line, before a file
+    is written; a rope model's layout has no wpe row (its parameters have none)."""
+    from gptjax.config import Config
+    from gptjax.errors import UserError
+
+    for change, needle in (({"pos_encoding": "rope"}, "pos_encoding=rope; nanoGPT's GPT learns its position"),
+                           ({"tie_weights": False}, "untied LM head"), ({"model": "bigram"}, "holds a bigram model")):
+        config = Config(model=ModelConfig(vocab_size=65, **change))
+        with pytest.raises(UserError, match=needle):
+            nanogpt.export_files(config, None, str(tmp_path), str(tmp_path / "ckpt.pt"), False)
+    assert os.listdir(tmp_path) == []
+    rope = ModelConfig(vocab_size=65, pos_encoding="rope")
+    assert [row[1] for row in nanogpt.layout(rope)] == [row[1] for row in nanogpt.layout(ModelConfig(vocab_size=65))
+                                                         if row[1] != "wpe.weight"]

@@ -234,16 +234,8 @@ def test_bigram_twin_generates_from_its_table():
     assert out.shape == (2, 13) and int(out.max()) < 5
 
 
-@pytest.fixture
-def rope_layout(monkeypatch):
-    """convert.layout (nanoGPT's names) does not know rope yet: a rope model's rows are the layout less wpe."""
-    layout = convert.layout
-    monkeypatch.setattr(convert, "layout", lambda c: [row for row in layout(c)
-                                                      if c.pos_encoding == "learned" or row[1] != "wpe.weight"])
-
-
 @pytest.mark.parametrize("bias, tie", [(False, True), (True, False)])
-def test_rope_gpt_forward_backward_and_train_steps_match_the_twin(rope_layout, bias, tie):
+def test_rope_gpt_forward_backward_and_train_steps_match_the_twin(bias, tie):
     """pos_encoding=rope (no wpe; queries and keys turned by position): logits, loss, every gradient and three
     AdamW steps agree with the twin. The twin without rope (a learned wpe instead) disagrees: the check has power."""
     c = ModelConfig(vocab_size=29, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=bias, tie_weights=tie,

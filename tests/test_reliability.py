@@ -216,7 +216,8 @@ def test_every_command_answers_help_with_every_option_and_key(capsys, command):
     """--help exits 0 and lists the command's options and, for the commands that take a config, every config key
     with its comment, type and the preset's value; the defaults shown are the ones the command uses."""
     from gptjax import cli, options
-    from gptjax.config import descriptions, field_types, load_config
+    from gptjax.args import descriptions
+    from gptjax.config import field_types, load_config
 
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out

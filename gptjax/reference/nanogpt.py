@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptjax.config import ModelConfig, TrainConfig
+from gptjax.weights.nanogpt import get_lr  # nanoGPT's schedule, in Python floats
 
 
 class LayerNorm(nn.Module):
@@ -234,18 +235,6 @@ def configure_optimizers(model: nn.Module, t: TrainConfig, foreach: bool | None 
     ]
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, foreach=foreach,
                              fused=fused)
-
-
-def get_lr(it: int, t: TrainConfig) -> float:
-    """nanoGPT's schedule: linear warmup from lr/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
-    if not t.decay_lr:
-        return t.learning_rate
-    if it < t.warmup_iters:
-        return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
-    if it > t.lr_decay_iters:
-        return t.min_lr
-    ratio = (it - t.warmup_iters) / (t.lr_decay_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_ABT, y_ABT, it: int, t: TrainConfig,

@@ -29,7 +29,9 @@ def layout(c: ModelConfig) -> list[tuple[str, str, bool]]:
     """
     if c.model == "bigram":
         return [("token_embedding_table.weight", "token_embedding_table.weight", False)]
-    rows = [("transformer.wte.weight", "wte.weight", False), ("transformer.wpe.weight", "wpe.weight", False)]
+    rows = [("transformer.wte.weight", "wte.weight", False)]
+    if c.pos_encoding == "learned":  # rope turns queries and keys instead, with no parameters
+        rows.append(("transformer.wpe.weight", "wpe.weight", False))
 
     def add(prefix: str, transposed: bool):
         rows.append((f"transformer.{prefix}.weight", f"{prefix}.weight", transposed))
@@ -119,7 +121,8 @@ def optimizer_order(c: ModelConfig) -> tuple[list[str], int]:
 
 
 def get_lr(it: int, t: TrainConfig) -> float:
-    """nanoGPT's get_lr in Python floats (optim.lr_schedule's is float32): what its AdamW holds after step it."""
+    """nanoGPT's get_lr in Python floats (optim.lr_schedule's is float32): what its AdamW holds after step it, and
+    the twin's schedule. Linear warmup from lr/(warmup+1), cosine to min_lr at lr_decay_iters, then min_lr."""
     if not t.decay_lr:
         return t.learning_rate
     if it < t.warmup_iters:
@@ -223,6 +226,9 @@ def export_files(config: Config, state, out_dir: str, path: str, force: bool):
         raise UserError(f"{out_dir} holds a {c.model} model; nanoGPT checkpoints hold its GPT only")
     if not c.tie_weights:
         raise UserError(f"{out_dir} has an untied LM head (tie_weights=False); nanoGPT's GPT always ties it to wte")
+    if c.pos_encoding != "learned":
+        raise UserError(f"{out_dir} has pos_encoding={c.pos_encoding}; nanoGPT's GPT learns its position embeddings "
+                        "(wpe), so it cannot load this model")
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
     meta = None
