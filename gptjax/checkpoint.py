@@ -235,7 +235,11 @@ def _shapes_differ(p: str, abstract, part: str | None = None) -> str | None:
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(p)
     meta = getattr(meta, "item_metadata", meta)
-    saved = Counter(tuple(m.shape) for m in jax.tree.leaves(meta[part] if part else meta))
+    try:
+        meta = meta[part] if part else meta
+    except (KeyError, TypeError):
+        return f"it holds no {part}"
+    saved = Counter(tuple(m.shape) for m in jax.tree.leaves(meta))
     wanted = Counter(tuple(x.shape) for x in jax.tree.leaves(abstract))
     if saved == wanted:
         return None
@@ -268,9 +272,14 @@ def restore(out_dir: str, which: str | int, like, part: str | None = None):
                 return ckptr.restore(p, abstract)
         wanted = {part: abstract}
         with ocp.PyTreeCheckpointer() as ckptr:
-            return ckptr.restore(p, args=ocp.args.PyTreeRestore(
+            got = ckptr.restore(p, args=ocp.args.PyTreeRestore(
                 item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
                 partial_restore=True))[part]
+        if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(got)):  # a name the checkpoint does not have
+            raise UserError(f"checkpoint {p} holds another model than the run's config.json describes (its "
+                            "parameters have other names); put config.json's model settings back as they were "
+                            "when it was saved")
+        return got
     except (OSError, ValueError) as e:  # files that match the manifest but orbax cannot read
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         if "structure" in cause or "shape" in cause:

@@ -13,14 +13,11 @@ import sysconfig
 import traceback
 import typing
 
-import flax
-import jax
-import numpy
-from flax import nnx
-
 from gptjax.errors import UserError
 
 if typing.TYPE_CHECKING:
+    from flax import nnx
+
     from gptjax.compute import Compute
     from gptjax.config import ModelConfig
 
@@ -100,6 +97,8 @@ def _import_factory(name: str) -> typing.Callable:
 
 def _takes_config_and_rngs(factory) -> bool:
     """False when the factory's signature cannot take (config, rngs), or it is a class other than an nnx.Module."""
+    from flax import nnx
+
     if isinstance(factory, type) and not issubclass(factory, nnx.Module):
         return False
     try:  # an nnx.Module's own signature is its metaclass' (*args, **kwargs): its __init__ says what it takes
@@ -115,6 +114,8 @@ def _takes_config_and_rngs(factory) -> bool:
 
 
 def _describe(factory) -> str:
+    from flax import nnx
+
     if isinstance(factory, type) and not issubclass(factory, nnx.Module):
         return f"{factory.__qualname__} is a class but not an nnx.Module"
     try:
@@ -126,6 +127,8 @@ def _describe(factory) -> str:
 
 def _build(name: str, factory: typing.Callable, c: ModelConfig, rngs: nnx.Rngs, compute: Compute) -> nnx.Module:
     """factory(c, rngs), its failures and a result that is not an nnx.Module a UserError naming --model."""
+    from flax import nnx
+
     try:
         module = factory(c, rngs)
     except UserError:
@@ -144,6 +147,10 @@ def _build(name: str, factory: typing.Callable, c: ModelConfig, rngs: nnx.Rngs, 
 
 
 def _library_dirs() -> tuple[str, ...]:
+    import flax
+    import jax
+    import numpy
+
     dirs = [os.path.dirname(m.__file__) for m in (jax, flax, numpy)] + [os.path.dirname(os.path.abspath(__file__))]
     return tuple(os.path.join(d, "") for d in dirs)
 

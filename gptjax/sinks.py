@@ -54,9 +54,10 @@ def close_sinks(sinks: list[Sink], failed: bool = False) -> None:
         try:
             sink.close(failed=failed)
         except Exception as e:
-            error = error or e
+            error = error or (type(sink).__name__, e)
     if error is not None and not failed:
-        raise error
+        first = (str(error[1]).strip().splitlines() or [type(error[1]).__name__])[0][:200]
+        raise UserError(f"the run is saved, but closing its {error[0]} metrics failed: {first}")
 
 
 def _numbers(row: dict) -> dict[str, float]:
@@ -148,7 +149,11 @@ class TensorBoard:
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._count)}"
         self.file = open(os.path.join(logdir, name), "xb")
         self.restart = resume
-        self._put(event(0, time.time(), file_version="brain.Event:2"))  # version 2: purges follow SessionLog STARTs
+        try:
+            self._put(event(0, time.time(), file_version="brain.Event:2"))  # version 2: purges follow SessionLog STARTs
+        except BaseException:
+            self.file.close()
+            raise
 
     def _put(self, ev: bytes) -> None:
         self.file.write(tfrecord(ev))

@@ -93,3 +93,13 @@ def test_every_module_is_within_400_lines():
     long = {str(p.relative_to(ROOT.parent)): n for p in _modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_command_line_starts_without_jax():
+    """--help, --version and every option error answer before jax, flax, orbax or torch are imported (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gptjax.cli, gptjax.config, gptjax.options, gptjax.bench.modes, gptjax.registry; "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

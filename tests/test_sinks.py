@@ -10,6 +10,7 @@ from conftest import cli_run, user_error
 
 from gptjax import sinks
 from gptjax.config import FIXED_ON_RESUME, override, resumed
+from gptjax.errors import UserError
 from gptjax.run import Run
 from gptjax.train import train
 
@@ -134,6 +135,16 @@ def test_a_failed_run_closes_its_sinks_and_keeps_its_error(tiny_config, tmp_path
         train(override(tiny_config, {**FAST, "out_dir": str(out), "tensorboard": True}), progress=False)
     assert closed == [True]
     assert not out.exists()  # a fresh run that failed leaves nothing, its event files included
+
+
+def test_a_sink_that_cannot_close_after_a_good_run_is_one_line():
+    class Stuck:
+        def close(self, failed=False):
+            raise ConnectionError("wandb: network is unreachable\n  (more lines)")
+
+    with pytest.raises(UserError, match=r"^the run is saved, but closing its Stuck metrics failed: wandb: network is "
+                                        r"unreachable$"):
+        sinks.close_sinks([Stuck()])
 
 
 def test_watch_settings_change_on_resume_and_show_in_help(tiny_config):

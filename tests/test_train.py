@@ -9,6 +9,7 @@ import pytest
 
 from gptjax import checkpoint, model
 from gptjax.config import ModelConfig, TrainConfig, override
+from gptjax.errors import UserError
 from gptjax.optim import clip_by_global_norm, decay_mask, init_state, lr_schedule, make_optimizer
 from gptjax.train import make_train_step, train
 
@@ -155,6 +156,13 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+    params = checkpoint.restore(str(tmp_path), "latest", fresh_params, part="params")  # what sample and eval read
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    renamed = {("zz_" + k if k == "lm_head" or k == "ln_f" else k): v for k, v in fresh_params.items()}
+    with pytest.raises(UserError, match="holds another model .* parameters have other names"):
+        checkpoint.restore(str(tmp_path), "latest", renamed, part="params")  # the same shapes under other names
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
