@@ -185,6 +185,12 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "e
             "export": cmd_export, "import": cmd_import}
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line whatever it quotes: a line break in a value the user gave (\\n, \\x1c, \\x85, ...) is
+    written escaped, as repr() writes it."""
+    return "".join(repr(c)[1:-1] if len(f"a{c}a".splitlines()) > 1 else c for c in str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status. Without argv (the `gptjax` program itself) a failed command ends the
     process at once: a library's worker thread stuck on a failed write must not keep it alive."""
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(command_help(command, [a for a in rest if a not in ("--help", "-h")]))
         except UserError as e:
-            print(f"gptjax: error: {e}", file=sys.stderr)
+            print(f"gptjax: error: {_one_line(e)}", file=sys.stderr)
             return 2
         return 0
     try:
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unexpected argument {pos[0]!r}: options are written --key=value")
         COMMANDS[command](opts, pos)
     except UserError as e:
-        print(f"gptjax: error: {e}", file=sys.stderr)
+        print(f"gptjax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Stopped as e:
         print(f"gptjax: {e}", file=sys.stderr)

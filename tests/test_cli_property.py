@@ -1,6 +1,7 @@
 """Random option names, values and config files thrown at every command: exit 0 or 2, never a traceback, and no file
 that existed before is changed."""
 
+import itertools
 import os
 import shutil
 import typing
@@ -89,6 +90,7 @@ KNOWN = [Case("train", [], ["batch_size = ("]), Case("train", [("model", "json:l
          Case("train", [("model", "os:getcwd")]), Case("train", [("model", ":f")]),
          Case("train", [("num_processes", "0")]), Case("train", [("coordinator_address", "127.0.0.1:99999")]),
          Case("sample", [("max_new_tokens", "2147483647")]), Case("sample", [("num_samples", "2147483647")]),
+         Case("sample", [("seed", "\U0002ecea\x1c\x85L\t")]),  # line breaks in a value the error quotes
          Case("sample", [("temperature", "1e-40")]), Case("eval", [("batch_size", "2147483647")]),
          Case("bench", [("steps", "2147483647")]), Case("bench", [("repeats", "2147483647")]),
          Case("bench", [("mesh", "dp:3")]), Case("bench", [("out", "input.txt/sub")]),
@@ -98,6 +100,9 @@ KNOWN = [Case("train", [], ["batch_size = ("]), Case("train", [("model", "json:l
          Case("sample", [], damage="tokenizer_missing"), Case("eval", [], damage="tokenizer_corrupt"),
          Case("export", [], None, "new.pt", damage="checkpoints_dangling"),
          Case("train", [], damage="cache: train.bin truncated"), Case("eval", [], damage="cache: meta.json corrupt")]
+
+
+_CALLS = itertools.count()
 
 
 def _known(test):
@@ -114,7 +119,9 @@ def test_random_command_lines_exit_0_or_2_and_change_nothing(workspace, monkeypa
     the export or the corpus. A damaged copy of the run may be resumed; a damaged prepared cache is prepared again."""
     from gptjax import data
 
-    command, n, w = case.command, case.n, workspace
+    # Names unique to this call: the shrinker replays examples with n drawn again (towards 0), and a second
+    # successful run into one --out would rightly replace what the first wrote.
+    command, n, w = case.command, f"{case.n}-{next(_CALLS)}", workspace
     monkeypatch.chdir(w)
     monkeypatch.setenv("GPTJAX_DATA_DIR", str(w / "data"))
     run, cache_damage = "run", case.damage if case.damage and case.damage.startswith("cache: ") else None
