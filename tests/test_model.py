@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +227,7 @@ def test_rope_gpt_has_no_wpe_and_decodes_as_its_full_forward():
         assert not any(name.startswith("wpe.") for name in model.param_names(params))
         x = _tokens(B=2)
         full = model.apply(graphdef, params, x)
-        decode = jax.jit(lambda p, x, cache, pos: model.decode(graphdef, p, x, cache, pos))  # pos traced, as sampled
+        decode = jax.jit(functools.partial(model.decode, graphdef))  # pos traced, as the sampler runs it
         logits, cache = decode(params, x[:, :5], model.init_cache(graphdef, params, 2), 0)
         steps = [logits]
         for t in range(5, c.block_size):

@@ -6,9 +6,9 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import cli_run, user_error
+from conftest import user_error
 
-from gptjax import sinks
+from gptjax import cli, sinks
 from gptjax.config import FIXED_ON_RESUME, override, resumed
 from gptjax.errors import UserError
 from gptjax.run import Run
@@ -147,13 +147,13 @@ def test_a_sink_that_cannot_close_after_a_good_run_is_one_line():
         sinks.close_sinks([Stuck()])
 
 
-def test_watch_settings_change_on_resume_and_show_in_help(tiny_config):
+def test_watch_settings_change_on_resume_and_show_in_help(tiny_config, capsys):
     assert not set(WATCH) & set(FIXED_ON_RESUME)
     config, changes = resumed(tiny_config, {"tensorboard": "true", "wandb_log": "true", "wandb_project": "p",
                                             "wandb_run_name": "r"})
     assert (config.train.tensorboard, config.train.wandb_log) == (True, True) and len(changes) == 4
-    r = cli_run("train", "--help")
-    assert r.returncode == 0
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
     for key in WATCH:
-        assert f"--{key}" in r.stdout
-    assert "OUT_DIR/tensorboard/" in r.stdout and "gptjax[wandb]" in r.stdout
+        assert f"--{key}" in out
+    assert "OUT_DIR/tensorboard/" in out and "gptjax[wandb]" in out
