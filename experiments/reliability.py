@@ -164,18 +164,12 @@ def issue20_fixtures(f: dict, text: str) -> None:
     f["evil"] = os.path.join(w, "evil.pt")
     with open(f["evil"], "wb") as fh:
         pickle.dump({"model": RunsCode()}, fh)
-    f["ro"] = os.path.join(w, "ro")
-    f["ro_run"] = ""
-    if _mount_tmpfs(f["ro"], "ro"):
-        f["ro_run"] = copy("ro_run")
-        shutil.rmtree(os.path.join(f["ro_run"], "checkpoints"))
-        os.symlink(f["ro"], os.path.join(f["ro_run"], "checkpoints"))
-    f["full"] = os.path.join(w, "full")
-    f["full_run"] = ""
-    if _mount_tmpfs(f["full"], "size=64k"):
-        f["full_run"] = copy("full_run")
-        shutil.rmtree(os.path.join(f["full_run"], "checkpoints"))
-        os.symlink(f["full"], os.path.join(f["full_run"], "checkpoints"))
+    for mount, option in (("ro", "ro"), ("full", "size=64k")):  # a run whose checkpoints are on that mount
+        f[mount], f[f"{mount}_run"] = os.path.join(w, mount), ""
+        if _mount_tmpfs(f[mount], option):
+            f[f"{mount}_run"] = copy(f"{mount}_run")
+            shutil.rmtree(os.path.join(f[f"{mount}_run"], "checkpoints"))
+            os.symlink(f[mount], os.path.join(f[f"{mount}_run"], "checkpoints"))
 
 
 def unmount(f: dict) -> None:

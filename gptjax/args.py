@@ -7,9 +7,10 @@ import sys
 import types
 from typing import Any, NamedTuple
 
+from gptjax.config import CHOICES, INT_MAX, PATH_KEYS, RANGES, SECTIONS, check_range, expand_path, field_types
 from gptjax.errors import UserError
 
-PATH_OPTIONS = ("out_dir", "input", "out", "meta", "data_dir")  # ~ expanded, as config.PATH_KEYS
+PATH_OPTIONS = (*PATH_KEYS, "out", "meta")  # ~ expanded, as in config keys
 
 
 class Option(NamedTuple):
@@ -48,8 +49,6 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
 def value(key: str, raw: str, typ: type):
     """The command line's word `raw` for --key as a `typ` (bool: true or false, any case; a path: ~ expanded)."""
     if typ is str:
-        from gptjax.config import expand_path
-
         return expand_path(raw) if key in PATH_OPTIONS else raw
     try:
         return typ(raw) if typ is not bool else {"true": True, "false": False}[raw.lower()]
@@ -59,8 +58,6 @@ def value(key: str, raw: str, typ: type):
 
 def range_key(name: str, option: Option) -> str:
     """The option's key in config.RANGES, or "" for an option without a range."""
-    from gptjax.config import RANGES
-
     if option.range is None:
         return ""
     key = option.range or name
@@ -73,8 +70,6 @@ def take(opts: dict, name: str, option: Option):
         return option.default
     v = value(name, opts.pop(name), option.kind)
     if range_key(name, option) and option.kind in (int, float):
-        from gptjax.config import check_range
-
         check_range(range_key(name, option), v, name)
     return v
 
@@ -90,12 +85,10 @@ def refuse_unknown(opts: dict, allowed, who: str) -> None:
 
 def help_lines(table: Table) -> list[str]:
     """One line per option: --name=METAVAR, its help, then [default, range or choices] as config keys show them."""
-    from gptjax import config as cfg
-
     lines = []
     for name, o in table.items():
         key = range_key(name, o) or (name if o.range is not None else "")  # its range or choices, if any
-        facts = describe_value(key, o.kind, o.default) if key in cfg.RANGES or o.default is not None else "[str]"
+        facts = describe_value(key, o.kind, o.default) if key in RANGES or o.default is not None else "[str]"
         for typ in ("bool", "str", "int", "float"):  # an option's type shows in its metavar
             facts = facts.replace(f"[{typ}, ", "[")
         lines.append(help_line(f"{name}={o.metavar}" if o.metavar else name, o.help, facts))
@@ -145,15 +138,11 @@ def from_fields(cls, metavars: dict[str, str]) -> Table:
 
 def descriptions() -> dict[str, str]:
     """Every config key -> the one-line comment its dataclass field carries."""
-    from gptjax.config import SECTIONS
-
     return {key: note for cls in SECTIONS.values() for key, note in field_notes(cls).items()}
 
 
 def describe_value(key: str, typ: type, default) -> str:
     """`[TYPE, default D, range or choices]` as help shows it (the range from RANGES, the choices from CHOICES)."""
-    from gptjax.config import CHOICES, INT_MAX, RANGES
-
     facts = [typ.__name__, f"default {default!r}" if isinstance(default, str) else f"default {default}"]
     if key in RANGES and not _in_range(key, default):
         facts[1] = "unset by default"  # a sentinel: the option is not in use unless given
@@ -168,8 +157,6 @@ def describe_value(key: str, typ: type, default) -> str:
 
 
 def _in_range(key: str, value) -> bool:
-    from gptjax.config import check_range
-
     try:
         check_range(key, value)
     except (UserError, TypeError):
@@ -185,8 +172,6 @@ def help_text(config, preset: str) -> str:
     """Every config key by section: its field's comment, type, its value in `config` (the preset's), range or
     choices."""
     import dataclasses
-
-    from gptjax.config import SECTIONS, field_types
 
     notes, types = descriptions(), field_types()
     lines = [f"config keys, --key=value (defaults: {preset}):"]

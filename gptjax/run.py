@@ -176,9 +176,7 @@ def _check(config: Config, force: bool) -> Config | None:
     """Check out_dir before anything is written; for a resume, return the saved config."""
     out = config.train.out_dir
     sinks.check(config.train)
-    rundir.check_out_dir(out)
-    checkpoint.check_root(out)
-    rundir.check_replaceable(out)
+    rundir.check_writable(out)
     if config.train.init_from == "resume":
         rundir.read_metrics(os.path.join(out, "metrics.jsonl"))  # a line that is not a row: refused before any work
         return _saved(out)

@@ -100,6 +100,14 @@ def check_out_dir(out: str) -> None:
         raise UserError(f"--out_dir={out}: {parent} is not writable; pick a directory you can write to")
 
 
+def check_writable(out: str) -> None:
+    """Before a run is written to out (train, import): out can hold it, a `checkpoints` link there is not dangling,
+    and its checkpoints directory takes a file."""
+    check_out_dir(out)
+    checkpoint.check_root(out)
+    check_replaceable(out)
+
+
 def holds_run(out: str) -> bool:
     """out holds a run's files (data.json alone, a name other tools use too, does not make one)."""
     return any(os.path.lexists(os.path.join(out, f)) for f in RUN_FILES if f != "data.json")

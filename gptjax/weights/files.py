@@ -29,9 +29,7 @@ def import_run(fmt: str, path: str, out_dir: str, vocab: str | None = None, forc
     """Make a gptjax run directory (config, tokenizer, best/latest checkpoints) from a file in format fmt;
     (config, state). vocab names a vocabulary file where the format takes one (nanoGPT's meta.pkl)."""
     config, state, tok = FORMATS[fmt].load().read(path, out_dir, vocab)  # every check before anything is written
-    rundir.check_out_dir(out_dir)
-    checkpoint.check_root(out_dir)
-    rundir.check_replaceable(out_dir)
+    rundir.check_writable(out_dir)
     rundir.claim_out_dir(out_dir, force, "pick another --out_dir or pass --force to replace it", remove=False)
     with rundir.run_lock(out_dir, "import"):
         aside = rundir.set_aside(out_dir) if force else []  # the replaced run, until the new one is saved
