@@ -29,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptjax import distributed
-from gptjax.errors import UserError
+from gptjax.errors import UserError, first_line
 
 NAME = re.compile(r"^(step|best)_(\d{8,})$")  # a committed checkpoint
 MANIFEST = "gptjax_manifest.json"  # every file of the checkpoint with its size and CRC-32, written last
@@ -265,8 +265,7 @@ def restore(out_dir: str, which: str | int, like, part: str | None = None):
     try:
         differ = _shapes_differ(p, abstract, part)
         if differ:
-            raise UserError(f"checkpoint {p} holds another model than the run's config.json describes ({differ}); "
-                            "put config.json's model settings back as they were when it was saved")
+            raise _another_model(p, differ)
         if part is None:
             with ocp.StandardCheckpointer() as ckptr:
                 return ckptr.restore(p, abstract)
@@ -276,16 +275,19 @@ def restore(out_dir: str, which: str | int, like, part: str | None = None):
                 item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
                 partial_restore=True))[part]
         if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(got)):  # a name the checkpoint does not have
-            raise UserError(f"checkpoint {p} holds another model than the run's config.json describes (its "
-                            "parameters have other names); put config.json's model settings back as they were "
-                            "when it was saved")
+            raise _another_model(p, "its parameters have other names")
         return got
     except (OSError, ValueError) as e:  # files that match the manifest but orbax cannot read
-        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        cause = first_line(e)
         if "structure" in cause or "shape" in cause:
             raise UserError(f"checkpoint {p} holds another train state than this run's settings describe "
                             f"({cause}); use the settings it was saved with (its run's config.json)") from None
         raise damaged(out_dir, p, f"{type(e).__name__}: {cause}") from None
+
+
+def _another_model(p: str, why: str) -> UserError:
+    return UserError(f"checkpoint {p} holds another model than the run's config.json describes ({why}); put "
+                     "config.json's model settings back as they were when it was saved")
 
 
 def damaged(out_dir: str, p: str, problem: str) -> UserError:

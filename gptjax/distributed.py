@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, first_line
 
 
 def is_lead() -> bool:
@@ -82,7 +82,7 @@ def init_distributed(coordinator_address: str = "", num_processes: int = 0, proc
     try:
         jax.distributed.initialize(**given, initialization_timeout=distributed_timeout + 60)
     except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise UserError(f"--distributed: jax.distributed.initialize failed ({first}); outside SLURM or a TPU pod, "
                         "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None
     finally:

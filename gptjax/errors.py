@@ -11,3 +11,9 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def first_line(x, default: str = "") -> str:
+    """The first non-blank line of str(x), stripped and cut at 200 characters (an exception's gist), or default."""
+    lines = [line.strip() for line in str(x).splitlines() if line.strip()]
+    return lines[0][:200] if lines else default

@@ -13,7 +13,7 @@ import sysconfig
 import traceback
 import typing
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, first_line
 
 if typing.TYPE_CHECKING:
     from flax import nnx
@@ -138,10 +138,10 @@ def _build(name: str, factory: typing.Callable, c: ModelConfig, rngs: nnx.Rngs, 
             raise  # out of memory, which the caller names
         if isinstance(e, TypeError) and e.__traceback__.tb_next is None:  # the call itself failed: not a factory
             raise UserError(f"--model={name} is not a model factory (config, rngs) -> nnx.Module: "
-                            f"{_first_line(e)}; name one that is") from None
+                            f"{first_line(e)}; name one that is") from None
         raise UserError(f"--model={name}: the factory raised {_where(e)}; fix it") from None
     if not isinstance(module, nnx.Module):
-        what = "None" if module is None else f"{_first_line(repr(module))[:60]} ({type(module).__name__})"
+        what = "None" if module is None else f"{first_line(repr(module))[:60]} ({type(module).__name__})"
         raise UserError(f"--model={name}: the factory returned {what}, not an nnx.Module; return the model from it")
     return module
 
@@ -171,11 +171,5 @@ def _where(e: BaseException) -> str:
 
     user = [f for f in frames if is_user(f)] or frames
     at = f" at {user[-1].filename} line {user[-1].lineno}" if user else ""
-    what = f"exit({e.code})" if isinstance(e, SystemExit) else _first_line(e)
+    what = f"exit({e.code})" if isinstance(e, SystemExit) else first_line(e)
     return f"{type(e).__name__}{at}: {what}"
-
-
-def _first_line(x) -> str:
-    lines = [line.strip() for line in str(x).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:200]
-

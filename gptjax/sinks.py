@@ -11,7 +11,7 @@ import time
 from typing import Protocol
 
 from gptjax.config import Config, TrainConfig
-from gptjax.errors import UserError
+from gptjax.errors import UserError, first_line
 
 
 class Sink(Protocol):
@@ -56,7 +56,7 @@ def close_sinks(sinks: list[Sink], failed: bool = False) -> None:
         except Exception as e:
             error = error or (type(sink).__name__, e)
     if error is not None and not failed:
-        first = (str(error[1]).strip().splitlines() or [type(error[1]).__name__])[0][:200]
+        first = first_line(error[1], type(error[1]).__name__)
         raise UserError(f"the run is saved, but closing its {error[0]} metrics failed: {first}")
 
 
