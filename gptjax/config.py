@@ -60,6 +60,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # step checkpoints kept (the newest), besides the best
     # How the step runs, not what it computes: a resumed run may change these.
     dtype: str = "auto"  # float32 | bfloat16 matmuls (parameters and AdamW stay float32); auto: bfloat16 on a GPU/TPU
+    # and on a CPU with AMX under the mkl kernel
+    matmul: str = "auto"  # xla | mkl (oneMKL kernel on a CPU, gptjax[mkl]); auto: mkl on an Intel CPU where it loads
     attention: str = "auto"  # einsum | xla | cudnn (flash); auto: cudnn on a GPU in bfloat16 without dropout
     scan_layers: bool = False  # True: the blocks run by one lax.scan (compile time flat in depth, steps slower)
     remat: str = "none"  # none | block: recompute each block's activations in the backward pass
@@ -340,6 +342,7 @@ RANGES = {
 
 # The settings that take one of a few words (sample and eval take dtype and attention too).
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "einsum", "xla", "cudnn"),
+           "matmul": ("auto", "xla", "mkl"),
            "remat": ("none", "block"), "step_impl": ("sharded", "shard_map", "pmap"),
            "pos_encoding": ("learned", "rope")}
 

@@ -28,14 +28,16 @@ def _normal(rngs: nnx.Rngs, shape, std: float):
 class Linear(nnx.Module):
     """y = x @ weight + bias, weight stored [in, out] in float32, the product taken in `dtype`."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, std: float, rngs: nnx.Rngs, dtype: str = "float32"):
+    def __init__(self, d_in: int, d_out: int, bias: bool, std: float, rngs: nnx.Rngs, dtype: str = "float32",
+                 matmul: str = "xla"):
         self.weight = nnx.Param(_normal(rngs, (d_in, d_out), std))
         self.bias = nnx.Param(jnp.zeros((d_out,))) if bias else None
         self.dtype = dtype
+        self.matmul = matmul
 
     def __call__(self, x):
         dt = jnp.dtype(self.dtype)
-        y = linear(x.astype(dt), self.weight[...].astype(dt))
+        y = linear(x.astype(dt), self.weight[...].astype(dt), self.matmul)
         return y if self.bias is None else y + self.bias[...].astype(dt)
 
 
@@ -63,8 +65,8 @@ class LayerNorm(nnx.Module):
 class CausalSelfAttention(nnx.Module):
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
         proj_std = 0.02 / math.sqrt(2 * c.n_layer)  # GPT-2: residual projections scaled by depth
-        self.c_attn = Linear(c.n_embd, 3 * c.n_embd, c.bias, 0.02, rngs, compute.dtype)
-        self.c_proj = Linear(c.n_embd, c.n_embd, c.bias, proj_std, rngs, compute.dtype)
+        self.c_attn = Linear(c.n_embd, 3 * c.n_embd, c.bias, 0.02, rngs, compute.dtype, compute.matmul)
+        self.c_proj = Linear(c.n_embd, c.n_embd, c.bias, proj_std, rngs, compute.dtype, compute.matmul)
         self.n_head = c.n_head
         self.dropout = c.dropout
         self.attention = compute.attention
@@ -120,8 +122,9 @@ def _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, rate, key):
 
 class MLP(nnx.Module):
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs, compute: Compute = Compute()):
-        self.c_fc = Linear(c.n_embd, 4 * c.n_embd, c.bias, 0.02, rngs, compute.dtype)
-        self.c_proj = Linear(4 * c.n_embd, c.n_embd, c.bias, 0.02 / math.sqrt(2 * c.n_layer), rngs, compute.dtype)
+        self.c_fc = Linear(c.n_embd, 4 * c.n_embd, c.bias, 0.02, rngs, compute.dtype, compute.matmul)
+        self.c_proj = Linear(4 * c.n_embd, c.n_embd, c.bias, 0.02 / math.sqrt(2 * c.n_layer), rngs, compute.dtype,
+                             compute.matmul)
         self.dropout = c.dropout
 
     def __call__(self, x_BTD, key=None):
@@ -169,7 +172,8 @@ class GPT(nnx.Module):
         self.wpe = Embedding(c.block_size, c.n_embd, 0.02, rngs) if c.pos_encoding == "learned" else None
         self.h = nnx.List([Block(c, rngs, compute) for _ in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.bias)
-        self.lm_head = None if c.tie_weights else Linear(c.n_embd, c.vocab_size, False, 0.02, rngs, compute.dtype)
+        self.lm_head = None if c.tie_weights else Linear(c.n_embd, c.vocab_size, False, 0.02, rngs, compute.dtype,
+                                                         compute.matmul)
 
     def __call__(self, idx_BT, key=None):
         """Logits [B, T, V] in float32; key=None runs without dropout."""
@@ -224,7 +228,9 @@ class GPT(nnx.Module):
         dt = self.compute.jdtype
         w_DV = self.wte.weight[...].T if self.lm_head is None else self.lm_head.weight[...]
         if dt == jnp.float32:
-            return linear(x_BTD, w_DV)
+            return linear(x_BTD, w_DV, self.compute.matmul)
+        if self.compute.matmul == "mkl":
+            return linear(x_BTD.astype(dt), w_DV.astype(dt), "mkl", jnp.float32)
         # Low-precision inputs, float32 products: the loss and sampling see float32 logits.
         return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), w_DV.astype(dt), preferred_element_type=jnp.float32)
 

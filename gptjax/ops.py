@@ -9,25 +9,47 @@ import jax
 import jax.numpy as jnp
 
 
-@jax.custom_vjp
-def linear(x, w):
-    """x @ w with a hand-written backward (see _linear_bwd)."""
-    return x @ w
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def linear(x, w, matmul: str = "xla", out_dtype=None):
+    """x @ w with a hand-written backward (see _linear_bwd), in x's dtype or `out_dtype`.
+
+    matmul: "xla" (XLA's dot) or "mkl" (gptjax.kernels' oneMKL kernel on a CPU; load() it first). Both compute
+    the same products; the kernel accumulates bfloat16 inputs in float32 and rounds once, at the end.
+    """
+    return _matmul(x, w, matmul, out_dtype)
 
 
-def _linear_fwd(x, w):
-    return x @ w, (x, w)
+def _matmul(a, b, matmul, out_dtype, trans_a=False, trans_b=False):
+    """op(a) @ op(b) over a's leading axes (b is a matrix) in `out_dtype` (default a's dtype)."""
+    out_dtype = out_dtype or a.dtype
+    if matmul == "mkl":
+        from gptjax import kernels
+
+        if trans_a:  # a: [..., N, C] -> the [C, D] contraction over every leading row
+            return kernels.matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True).astype(out_dtype)
+        y = kernels.matmul(a.reshape(-1, a.shape[-1]), b, False, trans_b)
+        return y.reshape(*a.shape[:-1], y.shape[-1]).astype(out_dtype)
+    if trans_a:
+        return jnp.einsum("nc,nd->cd", a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
+                          preferred_element_type=out_dtype)
+    return jnp.matmul(a, b.T if trans_b else b, preferred_element_type=out_dtype)
 
 
-def _linear_bwd(res, g):
+def _linear_fwd(x, w, matmul, out_dtype):
+    return _matmul(x, w, matmul, out_dtype), (x, w)
+
+
+def _linear_bwd(matmul, out_dtype, res, g):
     # The barrier keeps XLA:CPU from fusing the incoming elementwise gradient (GELU', softmax') into a
     # transposing copy in front of the weight-gradient dot, which runs several times slower than either part.
-    # Other backends run their dots as library calls and get no such fusion, so they go without it.
+    # Other backends run their dots as library calls and get no such fusion, so they go without it; the kernel
+    # is a call of its own too.
     x, w = res
-    if jax.default_backend() == "cpu":
+    if matmul == "xla" and jax.default_backend() == "cpu":
         g = jax.lax.optimization_barrier(g)
-    dw = jnp.einsum("nc,nd->cd", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return g @ w.T, dw
+    if out_dtype is not None:
+        g = g.astype(x.dtype)
+    return _matmul(g, w, matmul, x.dtype, trans_b=True), _matmul(x, g, matmul, w.dtype, trans_a=True)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)

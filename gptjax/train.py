@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import checkpoint, data, evaluate, model, optim, parallel
-from gptjax.compute import compute_of
+from gptjax.compute import compute_of, describe_matmul
 from gptjax.config import Config, TrainConfig
 from gptjax.run import Run, StopOnSignal
 
@@ -171,5 +171,6 @@ def _describe(config: Config, prep: data.Prepared, params, mesh) -> str:
             f"{prep.meta['train_tokens']:,} train / {prep.meta['val_tokens']:,} val tokens; "
             f"{t.step_impl} step on {parallel.describe_devices(mesh)}" + (
                 f"; {compute.dtype}, {compute.attention} attention, layers "
-                f"{'scanned' if compute.scan else 'unrolled'}{', remat per block' if compute.remat else ''}"
+                f"{'scanned' if compute.scan else 'unrolled'}{', remat per block' if compute.remat else ''}, "
+                f"{describe_matmul(compute)}"
                 if m.model == "gpt" else ""))

@@ -98,18 +98,9 @@ def parse_options(opts: dict) -> Options:
 
 
 def host_info() -> dict:
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.split("\n\n")[0].splitlines())}
-        cpu = f"{field['model name']} (family {field.get('cpu family', '?')}, model {field.get('model', '?')})"
-        all_flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-        flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-                 if f in all_flags]
-    except (OSError, StopIteration, KeyError):
-        pass
-    return {"cpu": cpu, "flags": " ".join(flags) or "unknown", "cores": cores(), "machine": platform.machine()}
+    from gptjax import host
+
+    return {"cpu": host.cpu()["name"], "flags": host.isa(), "cores": cores(), "machine": platform.machine()}
 
 
 def _points(config: Config, o: Options) -> list[tuple[dict, Config]]:
