@@ -287,3 +287,42 @@ def test_mesh_without_the_mode_it_lays_out_is_refused(capsys, no_mode_runs, args
 def test_mesh_with_the_mode_it_lays_out_runs(stub_modes, capsys, args):
     assert cli.main(["bench", "--config=tiny", *args]) == 0, capsys.readouterr().err
     assert stub_modes["ran"] == args[0].removeprefix("--modes=").split(",")
+
+
+def test_mode_variants_run_side_by_side_and_the_best_of_each_framework_is_named(monkeypatch, capsys, tmp_path):
+    """jax_jit_dp[matmul=xla] runs jax_jit_dp with that setting in place of the command's, under its own name; the
+    report names each framework's fastest mode among those run, and their ratio."""
+    specs, ms = {}, {"jax_jit": 30.0, "jax_jit_dp[matmul=xla,dtype=float32]": 20.0, "torch_eager": 40.0,
+                     "torch_compile[dtype=bfloat16]": 25.0}
+
+    def run_mode(mode, spec, tmp):
+        specs[mode] = spec
+        r = _result(spec["mode"], [3.0, 2.9])
+        return r | {"step_s_runs": [ms[mode] / 1e3], "dtype": spec["config"]["train"]["dtype"],
+                    "matmul": spec["config"]["train"]["matmul"]}, None
+
+    monkeypatch.setattr(runner, "_prepare_point", lambda config, o, names, tmp, n: (config, {}, 1000))
+    monkeypatch.setattr(runner, "_run_mode", run_mode)
+    o = runner.parse_options({"modes": ",".join(ms), "out": str(tmp_path)})
+    assert o.modes == tuple(ms)
+    records = runner.run(load_config("tiny"), o, command="test")
+    assert [r["mode"] for r in records] == list(ms)
+    assert {m: s["mode"] for m, s in specs.items()} == {m: m.split("[")[0] for m in ms}  # the table's mode runs
+    train = {m: s["config"]["train"] for m, s in specs.items()}
+    assert train["jax_jit_dp[matmul=xla,dtype=float32]"]["matmul"] == "xla"
+    assert train["torch_compile[dtype=bfloat16]"]["dtype"] == "bfloat16"
+    assert train["jax_jit"]["matmul"] == train["torch_eager"]["matmul"] == "auto"  # the command's
+    line = ("best of each framework (train): jax_jit_dp[matmul=xla,dtype=float32] (float32, xla) 20.00 ms/step "
+            "against torch_compile[dtype=bfloat16] (bfloat16) 25.00: gptjax 1.25× PyTorch's best")
+    assert line in capsys.readouterr().out and line in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("modes_arg, needle", [
+    ("jax_jit[matmul=blas]", "--matmul=blas: use one of auto, xla, mkl"),
+    ("torch_eager[matmul=mkl]", "keys of torch_eager: dtype"),
+    ("jax_jit[step_impl=pmap]", "step_impl lays out a data-parallel step: jax_jit_dp[step_impl=...]"),
+    ("jax_jit[dtype]", "write settings as key=value"),
+    ("jax_jitt[dtype=float32]", "unknown mode 'jax_jitt[dtype=float32]'"),
+])
+def test_bad_mode_variants_are_one_line(capsys, no_mode_runs, modes_arg, needle):
+    assert needle in _refused(capsys, f"--modes={modes_arg}")

@@ -49,7 +49,7 @@ def load_params(c, path: str, compute: Compute):
 
 def _run(mode: JaxMode, spec: dict) -> Result:
     # The framework is imported in the mode's own process only: the runner reads the table without starting it.
-    from importlib import metadata
+    from importlib import metadata, util
 
     import jax
     import jax.numpy as jnp
@@ -147,9 +147,10 @@ def _run(mode: JaxMode, spec: dict) -> Result:
         devices=1 if mesh is None else mesh.size,  # the devices that divide the batch, as train splits it
         mesh=None if mesh is None else parallel.describe_mesh(mesh), step_impl=impl if mesh is not None else None,
         param_bytes_per_device=param_bytes,
-        dtype=compute.dtype, peak_mem_bytes=peak,
+        dtype=compute.dtype, matmul=compute.matmul, peak_mem_bytes=peak,
         peak_mem_source="jax memory_stats peak_bytes_in_use" if peak else None,
-        versions={p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")},
+        versions={p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")} | (
+            {"mkl": metadata.version("mkl")} if compute.matmul == "mkl" and util.find_spec("mkl") else {}),
         threads=None, detail=describe(eager, compute if c.model == "gpt" else None, workload, sampler, impl)
         + (f", mesh {parallel.describe_mesh(mesh)}" if mesh is not None and mode.data_parallel else ""),
     )

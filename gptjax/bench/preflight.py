@@ -33,7 +33,7 @@ def calls_per_mode(o: Options) -> int:
 
 def _steps_option(o: Options) -> str:
     """The option that counts the most calls per repeat among o's modes: steps, unless another counts more."""
-    return max(("steps", *(modes.MODES[m].steps_option for m in o.modes)), key=lambda k: getattr(o, k))
+    return max(("steps", *(modes.get(m).steps_option for m in o.modes)), key=lambda k: getattr(o, k))
 
 
 def host_available_bytes() -> int | None:
@@ -86,7 +86,7 @@ def check_mesh(config: Config, o: Options) -> None:
         value = getattr(t, key)
         if value == getattr(default, key):
             continue
-        if not set(takers) & set(o.modes):
+        if not set(takers) & {modes.base_name(m) for m in o.modes}:
             raise UserError(f"--{key}={value} applies to the {' / '.join(takers)} mode only: add it to --modes")
         if o.workload != "train":
             raise UserError(f"--{key}={value} applies to --workload=train only (forward and generate split the "

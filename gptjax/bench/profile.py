@@ -79,8 +79,10 @@ def _jax_category(name: str, inst: dict) -> str:
     if name.startswith(("all-reduce", "all-gather", "reduce-scatter")):
         return "all-reduce (incl. waiting for the other device)"
     op, fns = inst.get(name, ("", []))
-    if name.startswith("ynn_fusion") or op in ("dot", "custom-call") or name.startswith(("dot", "custom-call")):
-        return "matmul"
+    if op == "custom-call" or name.startswith(("custom-call", "ffi_call")):
+        return "matmul (the oneMKL kernel)"
+    if name.startswith("ynn_fusion") or op == "dot" or name.startswith("dot"):
+        return "matmul (XLA)"
     if any(f.startswith(OPTIMIZER_FUNCS) for f in fns):
         return "AdamW + clipping"
     for key, cat in (("cross_entropy", "cross-entropy"), ("LayerNorm", "LayerNorm"), ("layer_norm", "LayerNorm"),

@@ -37,6 +37,7 @@ class Result:
     step_impl: str | None = None  # a data-parallel mode's train step implementation [step_impl]
     param_bytes_per_device: int | None = None  # a data-parallel train step's largest parameter share [same]
     malloc: str | None = None  # the worker's malloc settings [malloc]
+    matmul: str | None = None  # JAX: how the linear layers' products ran, xla | mkl (Compute.matmul) [matmul]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,6 +29,8 @@ FIELDS = {
     "param_bytes_per_device": "jax_jit_dp train: the most parameter bytes one device holds (FSDP shards them)",
     "dtype": "compute dtype (--dtype, auto resolved on the mode's device): float32, or bfloat16 matmuls with "
              "float32 parameters and optimizer (JAX's Compute; torch.autocast in the torch modes)",
+    "matmul": "JAX modes: xla (XLA's dots) or mkl (the oneMKL kernel, gptjax/kernels), --matmul resolved in the "
+              "mode's process; null for PyTorch",
     "host": "cpu model and flags, cores",
     "versions": "python and the framework packages the mode imported",
     "malloc": "reuse_freed_memory (glibc keeps freed step buffers, as every gptjax command does) or default",
@@ -97,6 +99,29 @@ def _ratio(r: dict, records: list[dict]) -> str:
     return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
 
 
+def best(records: list[dict]) -> list[str]:
+    """Per point, workload and sampler where both frameworks ran: each one's fastest mode among those run (its
+    settings in the mode's name), and the ratio of their throughputs."""
+    from gptjax.bench.modes import get
+
+    out = []
+    ok = [r for r in records if not r["error"]]
+    for key in dict.fromkeys((_point(r), _workload(r)) for r in ok):
+        group = [r for r in ok if (_point(r), _workload(r)) == key]
+        top = {}
+        for r in group:
+            fw = get(r["mode"]).framework
+            if fw not in top or r["tokens_per_sec"] > top[fw]["tokens_per_sec"]:
+                top[fw] = r
+        if len(top) == 2:
+            j, t = top["jax"], top["torch"]
+            out.append(f"best of each framework{' at ' + key[0] if key[0] else ''} ({key[1]}): {j['mode']} "
+                       f"({j['dtype']}, {j['matmul']}) {j['step_ms']['median']:.2f} ms/step against {t['mode']} "
+                       f"({t['dtype']}) {t['step_ms']['median']:.2f}: gptjax "
+                       f"{j['tokens_per_sec'] / t['tokens_per_sec']:.2f}× PyTorch's best")
+    return out
+
+
 def markdown(records: list[dict], command: str) -> str:
     rows = ["| mode | workload | point | devices | first call | ms/step median (min–max) | tokens/s | "
             f"vs {BASELINE} | MFU | peak mem | loss (Δ {BASELINE}) |",
@@ -138,7 +163,8 @@ def markdown(records: list[dict], command: str) -> str:
     threads = [r["threads"] for r in ok if r["threads"]]
     if threads:
         notes.insert(-1, f"PyTorch threads: {threads[0]['intra_op']} intra-op, {threads[0]['inter_op']} inter-op.")
-    return "\n".join(notes + rows) + "\n"
+    tops = best(records)
+    return "\n".join(notes + rows + ([""] + [f"- {b}" for b in tops] if tops else [])) + "\n"
 
 
 def chart(records: list[dict], path) -> None:

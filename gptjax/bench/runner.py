@@ -56,12 +56,10 @@ def parse_options(opts: dict) -> Options:
     installed = {m.package: util.find_spec(m.package) is not None for m in table.values() if m.package}
     # The default leaves out the modes whose package is missing; naming one of them is refused.
     default = ",".join(n for n, m in table.items() if installed.get(m.package, True))
-    names = tuple(m.strip() for m in opts.pop("modes", default).split(",") if m.strip())
-    bad = [m for m in names if m not in table]
-    if bad or not names:
-        raise UserError(f"--modes: unknown mode {bad[0] if bad else '(none)'!r}; use a comma-separated list of "
-                        f"{', '.join(table)}")
-    missing = [table[n] for n in names if not installed.get(table[n].package, True)]
+    names = tuple(modes.split_names(opts.pop("modes", default)))
+    if not names:
+        raise UserError(f"--modes: unknown mode '(none)'; use a comma-separated list of {', '.join(table)}")
+    missing = [modes.get(n) for n in names if not installed.get(modes.get(n).package, True)]
     if missing:
         raise UserError(missing[0].missing)
     workload = take(opts, "workload", _O["workload"])
@@ -157,7 +155,7 @@ def _prepare_point(config: Config, o: Options, names, tmp: str, n: int) -> tuple
     np.save(files["x"], x.reshape(shape))
     np.save(files["y"], y.reshape(shape))
     np.savez(files["params"], **{k: np.asarray(v) for k, v in model.param_names(params).items()})
-    for mode in {modes.MODES[m].framework: modes.MODES[m] for m in names}.values():  # once per framework
+    for mode in {modes.get(m).framework: modes.get(m) for m in names}.values():  # once per framework
         files.update(mode.prepare(c, params, tmp))
     return config, files, model.num_params(params)
 
@@ -165,12 +163,12 @@ def _prepare_point(config: Config, o: Options, names, tmp: str, n: int) -> tuple
 def _run_mode(mode: str, spec: dict, tmp: str) -> tuple[dict | None, str | None]:
     """The mode's result (a Result's fields, as its worker wrote them), or its error line; a bad option the mode's
     process found (worker.USER_ERROR) is the whole bench's UserError."""
-    name = mode + (f"-{spec['sampler']}" if spec.get("sampler") else "")
+    name = re.sub(r"\W", "_", mode) + (f"-{spec['sampler']}" if spec.get("sampler") else "")
     spec_path, result_path = os.path.join(tmp, f"{name}.spec.json"), os.path.join(tmp, f"{name}.result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     proc = subprocess.run([sys.executable, "-m", "gptjax.bench.worker", spec_path, result_path],
-                          env=_env(modes.MODES[mode], tmp), capture_output=True, text=True)
+                          env=_env(modes.get(mode), tmp), capture_output=True, text=True)
     if proc.returncode == USER_ERROR and os.path.exists(result_path):
         with open(result_path) as f:
             raise UserError(json.load(f)["user_error"])
@@ -218,9 +216,9 @@ def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Con
                mfu=flops.mfu(o.workload, c, n_params, tps, res.device, res.dtype),
                peak_mem_bytes=res.peak_mem_bytes, peak_mem_source=res.peak_mem_source,
                loss=res.losses[-1] if res.losses else None, mesh=res.mesh,
-               step_impl=res.step_impl, param_bytes_per_device=res.param_bytes_per_device)
+               step_impl=res.step_impl, param_bytes_per_device=res.param_bytes_per_device, matmul=res.matmul)
     # Under dropout only one framework's modes draw the same masks, so only their losses are comparable.
-    same_rng = modes.MODES[mode].framework == modes.MODES[modes.BASELINE].framework
+    same_rng = modes.get(mode).framework == modes.MODES[modes.BASELINE].framework
     if base is not None and res.losses and base.losses and (c.dropout == 0.0 or same_rng):
         k = min(len(res.losses), len(base.losses))
         rec["loss_diff"] = float(np.max(np.abs(np.subtract(res.losses[:k], base.losses[:k]))))
@@ -263,8 +261,9 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
             base, results = None, {u: [] for u in units}
             for r in range(o.rounds):
                 for mode, sampler in units:
-                    steps = getattr(o, modes.MODES[mode].steps_option)
-                    spec = {"mode": mode, "workload": o.workload, "sampler": sampler, "config": pconfig.to_dict(),
+                    steps = getattr(o, modes.get(mode).steps_option)
+                    spec = {"mode": modes.base_name(mode), "workload": o.workload, "sampler": sampler,
+                            "config": modes.with_settings(pconfig, mode).to_dict(),
                             "steps": steps, "warmup": o.warmup, "repeats": o.repeats,
                             "max_new_tokens": o.max_new_tokens, "seed": pconfig.train.seed, **files}
                     results[mode, sampler].append(_run_mode(mode, spec, tmp))
@@ -282,6 +281,8 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
                                   base if mode != modes.BASELINE else None, host, steps)
                     records.append(rec)
                     print(report.line(rec), flush=True)
+    for line in report.best(records):
+        print(line)
     if o.out:
         paths = report.write(records, o.out, command)
         print(f"wrote {', '.join(paths)}")
