@@ -9,7 +9,7 @@ import math
 import jax
 import numpy as np
 
-from gptjax import data, model, optim, parallel, rundir
+from gptjax import data, kernels, model, optim, parallel, rundir
 from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig, check_range
 from gptjax.errors import UserError
@@ -25,7 +25,8 @@ def make_estimate_loss(graphdef, mesh=None, params_like=None):
     over its data axes and the params laid out as parallel.state_sharding (replicated if params_like is None)."""
 
     def estimate(params, x_NBT, y_NBT):
-        return jax.lax.map(lambda xy: loss_fn(graphdef, params, *xy), (x_NBT, y_NBT)).mean()
+        with kernels.split_over(mesh):
+            return jax.lax.map(lambda xy: loss_fn(graphdef, params, *xy), (x_NBT, y_NBT)).mean()
 
     if mesh is None:
         return jax.jit(estimate)
@@ -53,7 +54,8 @@ def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size
     With a mesh, each batch splits over its data axes and the params are laid out as parallel.state_sharding."""
 
     def nll_sum(params, x_BT, y_BT, mask_BT):
-        return (model.token_nll(model.apply(graphdef, params, x_BT), y_BT) * mask_BT).sum()
+        with kernels.split_over(mesh):
+            return (model.token_nll(model.apply(graphdef, params, x_BT), y_BT) * mask_BT).sum()
 
     if mesh is None:
         nll_sum = jax.jit(nll_sum)

@@ -9,25 +9,36 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def linear(x, w, matmul: str = "xla", out_dtype=None):
     """x @ w with a hand-written backward (see _linear_bwd), in x's dtype or `out_dtype`.
 
     matmul: "xla" (XLA's dot) or "mkl" (gptjax.kernels' oneMKL kernel on a CPU; load() it first). Both compute
-    the same products; the kernel accumulates bfloat16 inputs in float32 and rounds once, at the end.
+    the same products; the kernel accumulates bfloat16 inputs in float32 and rounds once, at the end. The kernel's
+    products in both passes split over the mesh of the kernels.split_over the forward pass was traced in.
     """
-    return _matmul(x, w, matmul, out_dtype)
+    mesh = None
+    if matmul == "mkl":
+        from gptjax import kernels
+
+        mesh = kernels.current_mesh()
+    return _linear(x, w, matmul, out_dtype, mesh)
 
 
-def _matmul(a, b, matmul, out_dtype, trans_a=False, trans_b=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _linear(x, w, matmul, out_dtype, mesh):
+    return _matmul(x, w, matmul, out_dtype, mesh)
+
+
+def _matmul(a, b, matmul, out_dtype, mesh, trans_a=False, trans_b=False):
     """op(a) @ op(b) over a's leading axes (b is a matrix) in `out_dtype` (default a's dtype)."""
     out_dtype = out_dtype or a.dtype
     if matmul == "mkl":
         from gptjax import kernels
 
         if trans_a:  # a: [..., N, C] -> the [C, D] contraction over every leading row
-            return kernels.matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True).astype(out_dtype)
-        y = kernels.matmul(a.reshape(-1, a.shape[-1]), b, False, trans_b)
+            return kernels.matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True,
+                                  mesh=mesh).astype(out_dtype)
+        y = kernels.matmul(a.reshape(-1, a.shape[-1]), b, False, trans_b, mesh=mesh)
         return y.reshape(*a.shape[:-1], y.shape[-1]).astype(out_dtype)
     if trans_a:
         return jnp.einsum("nc,nd->cd", a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
@@ -35,11 +46,11 @@ def _matmul(a, b, matmul, out_dtype, trans_a=False, trans_b=False):
     return jnp.matmul(a, b.T if trans_b else b, preferred_element_type=out_dtype)
 
 
-def _linear_fwd(x, w, matmul, out_dtype):
-    return _matmul(x, w, matmul, out_dtype), (x, w)
+def _linear_fwd(x, w, matmul, out_dtype, mesh):
+    return _matmul(x, w, matmul, out_dtype, mesh), (x, w)
 
 
-def _linear_bwd(matmul, out_dtype, res, g):
+def _linear_bwd(matmul, out_dtype, mesh, res, g):
     # The barrier keeps XLA:CPU from fusing the incoming elementwise gradient (GELU', softmax') into a
     # transposing copy in front of the weight-gradient dot, which runs several times slower than either part.
     # Other backends run their dots as library calls and get no such fusion, so they go without it; the kernel
@@ -49,10 +60,11 @@ def _linear_bwd(matmul, out_dtype, res, g):
         g = jax.lax.optimization_barrier(g)
     if out_dtype is not None:
         g = g.astype(x.dtype)
-    return _matmul(g, w, matmul, x.dtype, trans_b=True), _matmul(x, g, matmul, w.dtype, trans_a=True)
+    return (_matmul(g, w, matmul, x.dtype, mesh, trans_b=True),
+            _matmul(x, g, matmul, w.dtype, mesh, trans_a=True))
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def gelu(x):

@@ -304,8 +304,11 @@ def compile_step(body, mesh, impl: str, state_like):
     import jax
     from jax.sharding import PartitionSpec as P
 
+    from gptjax.kernels import split_over
+
     def train_step(s, x, y, k):
-        return body(s, x, y, k, lambda loss, grads: (loss, grads))
+        with split_over(mesh if impl == "sharded" else None):  # the matmul kernel splits as XLA's dots do
+            return body(s, x, y, k, lambda loss, grads: (loss, grads))
 
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -8,6 +8,8 @@ The kernel runs in XLA's own intra-op thread pool: MKL is linked sequential and 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import hashlib
 import os
@@ -22,6 +24,7 @@ MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
 MKL_ENV = "GPTJAX_MKL_DIR"  # a directory holding MKL_LIBS, searched first
 
 _state: dict = {}  # "status": (ok, words) once load() has run in this process
+_MESH: contextvars.ContextVar = contextvars.ContextVar("gptjax_kernel_mesh", default=None)  # see split_over
 
 
 def _lib_dirs() -> list[str]:
@@ -133,51 +136,44 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False):
     return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
-def _partitioned():
-    """gemm for matrices, split over a mesh the way XLA splits its own dots: the rows of `a` (op(a)'s M, or the
-    contracted rows when trans_a) keep their sharding, `b` is gathered whole; a product over sharded rows is
-    summed across them (the weight gradient of data parallelism). Without it XLA would gather every operand onto
-    every device and each would compute the whole product."""
-    if "partitioned" in _state:
-        return _state["partitioned"]
-    import functools
+@contextlib.contextmanager
+def split_over(mesh):
+    """While a step that XLA splits over `mesh` by its shardings (a jit with in_shardings) is traced, the kernel's
+    products split the same way: see matmul. Enter it inside the traced function; shard_map and pmap bodies, which
+    already run per device, must not."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
 
-    import jax
-    from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    @functools.partial(custom_partitioning, static_argnums=(2, 3))
-    def gemm2d(a, b, trans_a, trans_b):
+def current_mesh():
+    """The mesh of the innermost split_over, or None."""
+    return _MESH.get()
+
+
+def matmul(a, b, trans_a: bool = False, trans_b: bool = False, mesh=None):
+    """gemm for two matrices, float32 out; under split_over(mesh) (or given `mesh`), split as XLA splits its dots:
+    each device takes its rows of `a` (op(a)'s M, or the contracted rows when trans_a) against the whole of `b`,
+    and a product over the rows is summed across the devices (data parallelism's weight gradient). XLA cannot
+    split a library call itself: it would gather every operand onto every device, and each would compute the
+    whole product.
+
+    This is a shard_map rather than jax's custom_partitioning, whose lowering names a Python object by its id():
+    the program would differ in every process and never load from the persistent compilation cache."""
+    mesh = mesh or _MESH.get()
+    if mesh is None or mesh.size == 1 or a.shape[0] % mesh.size:
         return gemm(a, b, trans_a, trans_b)
+    import jax
+    from jax.sharding import PartitionSpec as P
 
-    def plan(trans_a, mesh, arg_shapes):
-        spec = arg_shapes[0].sharding.spec if isinstance(arg_shapes[0].sharding, NamedSharding) else ()
-        rows = spec[0] if len(spec) else None
-        a = NamedSharding(mesh, PartitionSpec(rows, None))
-        if trans_a:  # both operands' rows are the contraction: each device sums its rows, then across devices
-            return rows, (a, a), NamedSharding(mesh, PartitionSpec(None, None))
-        return rows, (a, NamedSharding(mesh, PartitionSpec(None, None))), NamedSharding(mesh, PartitionSpec(rows, None))
-
-    def infer(trans_a, trans_b, mesh, arg_shapes, result_shape):
-        return plan(trans_a, mesh, arg_shapes)[2]
-
-    def partition(trans_a, trans_b, mesh, arg_shapes, result_shape):
-        rows, args, out = plan(trans_a, mesh, arg_shapes)
-
+    axes = tuple(mesh.axis_names)
+    rows = P(axes, None)
+    if trans_a:
         def local(a, b):
-            y = gemm(a, b, trans_a, trans_b)
-            return jax.lax.psum(y, rows) if trans_a and rows is not None else y
+            return jax.lax.psum(gemm(a, b, True, False), axes)
 
-        return mesh, local, out, args
-
-    def rule(trans_a, trans_b, mesh, operands, results):
-        return f"{'k m' if trans_a else 'm k'}, {'n k' if trans_b else 'k n'} -> m n", {"reduction_factors": ("k",)}
-
-    gemm2d.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
-    _state["partitioned"] = gemm2d
-    return gemm2d
-
-
-def matmul(a, b, trans_a: bool = False, trans_b: bool = False):
-    """gemm for two matrices, under any mesh (see _partitioned); float32 out."""
-    return _partitioned()(a, b, trans_a, trans_b)
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=P(), check_vma=False)(a, b)
+    return jax.shard_map(lambda a, b: gemm(a, b, False, trans_b), mesh=mesh, in_specs=(rows, P()), out_specs=rows,
+                         check_vma=False)(a, b)
