@@ -102,7 +102,7 @@ def test_a_gpt_step_on_the_kernel_matches_xla():
 def no_mkl(monkeypatch, tmp_path):
     """A machine without oneMKL: nothing on any library path, nothing built in the cache."""
     monkeypatch.setattr(kernels, "_lib_dirs", lambda: [str(tmp_path)])
-    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GPTJAX_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(host, "cpu", lambda: {"vendor": "GenuineIntel", "name": "test", "flags": frozenset()})
 

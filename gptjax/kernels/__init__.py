@@ -1,5 +1,5 @@
 """The optional CPU matmul kernel: gemm.cc, an XLA FFI handler that calls oneMKL (AMX or AVX-512 where the CPU has
-them), built on first use with the machine's C++ compiler and kept in $GPTJAX_CACHE_DIR/kernels.
+them), built on first use with the machine's C++ compiler and kept in ~/.cache/gptjax/kernels ($GPTJAX_KERNEL_DIR).
 
 It needs a C++ compiler (`$CXX`, else g++ or c++) and oneMKL's sequential libraries (`pip install gptjax[mkl]`, or a
 system oneMKL on the library path). Without either, `available()` says why and the model runs on XLA's dots.
@@ -57,10 +57,12 @@ def compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """Where built kernels are kept: $GPTJAX_KERNEL_DIR, default ~/.cache/gptjax/kernels (whatever the XLA cache's
+    setting: GPTJAX_CACHE_DIR=off turns off compiled programs, not the kernel)."""
     from gptjax.config import cache_home, expand_path
 
-    return expand_path(os.environ.get("GPTJAX_CACHE_DIR") or cache_home())
+    return expand_path(os.environ.get("GPTJAX_KERNEL_DIR") or os.path.join(cache_home(), "kernels"))
 
 
 def build() -> str:
@@ -79,7 +81,7 @@ def build() -> str:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), mkl[0].encode(), *map(str.encode, mkl[1]),
                                      cxx.encode()])).hexdigest()[:16]
-    out_dir = os.path.join(_cache_dir(), "kernels")
+    out_dir = cache_dir()
     path = os.path.join(out_dir, f"gemm-{key}.so")
     if os.path.exists(path):
         return path
