@@ -74,9 +74,6 @@ def compilation_cache_dir() -> str | None:
     return None if path.strip() in ("", "off") else path
 
 
-CACHE_MAX_BYTES = 4 << 30
-
-
 def use_compilation_cache() -> str | None:
     """Keep compiled programs on disk (JAX's persistent compilation cache), so a second run of the same step on
     the same device and versions loads it instead of compiling it. Returns the directory, or None when it is off or
@@ -92,10 +89,10 @@ def use_compilation_cache() -> str | None:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     # Every program, however quick to compile: a run's start-up is dozens of small ones (each initialiser, the
-    # estimates, the sampler), 2 s of compiling on a CPU that the cache turns into 0.5 s. Least recently used
-    # entries go past CACHE_MAX_BYTES.
+    # estimates, the sampler), 2 s of compiling on a CPU that the cache turns into 0.5 s. No size bound: jax's
+    # eviction (jax_compilation_cache_max_size) fails every write in a directory holding entries written without
+    # it (it looks for their access-time files), which is every cache made before; delete the directory to clear it.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 
 
