@@ -3,7 +3,7 @@ data, compiling the step, loss estimates, checkpoint saves, the closing sample, 
 train.py with the same settings, fresh processes, alternating.
 
     python experiments/whole_process.py --input=../shared/data/tinyshakespeare/input.txt \
-        [--nanogpt=PATH/TO/nanoGPT] [--max_iters=500] [--runs=3] [--key=value ...]
+        [--nanogpt=PATH/TO/nanoGPT] [--max_iters=500] [--runs=3] [--cache=warm|cold]
 
 The breakdown comes from cProfile around `gptjax train` (its cumulative time per phase function; the steps are the
 rest of the loop), the totals from separate runs without the profiler. --nanogpt names a karpathy/nanoGPT checkout
@@ -45,10 +45,12 @@ def _cum(stats: pstats.Stats, where: list[tuple[str, str]]) -> float:
                if file.endswith(suffix) and fn == name)
 
 
-def gptjax_run(cmd: list[str], profile: str | None = None) -> tuple[float, str]:
+def gptjax_run(cmd: list[str], profile: str | None = None, cache: str | None = None) -> tuple[float, str]:
+    """Wall seconds and output of one `gptjax train`; cache: its GPTJAX_CACHE_DIR (None: the user's)."""
     pre = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else []) + ["-m", "gptjax"]
+    env = {**os.environ, **({"GPTJAX_CACHE_DIR": cache} if cache else {})}
     tick = time.perf_counter()
-    r = subprocess.run(pre + cmd, capture_output=True, text=True)
+    r = subprocess.run(pre + cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - tick
     if r.returncode != 0:
         sys.exit(f"gptjax train failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -61,6 +63,8 @@ def main() -> None:
         "config": Option("NAME", "shakespeare_char_cpu", "the preset"),
         "max_iters": Option("N", 500, "steps of each run", None),
         "runs": Option("N", 3, "runs of each, alternating", None),
+        "cache": Option("warm|cold", "warm", "warm: gptjax's compiled programs cache as a user has it after a first "
+                                             "run; cold: an empty cache for every run (a first run)"),
         "nanogpt": Option("PATH", "", "a karpathy/nanoGPT checkout with data/shakespeare_char prepared")},
         "whole_process.py", __doc__)
     n = args.max_iters
@@ -70,8 +74,11 @@ def main() -> None:
         nano = [sys.executable, "train.py", *NANOGPT_CPU, f"--max_iters={n}", f"--lr_decay_iters={n}",
                 f"--out_dir={tmp}/n"]
         times: dict[str, list[float]] = {"gptjax": [], "nanogpt": []}
-        for _ in range(args.runs):
-            times["gptjax"].append(gptjax_run(cmd)[0])
+        if args.cache not in ("warm", "cold"):
+            sys.exit(f"--cache={args.cache}: use warm or cold")
+        for i in range(args.runs):
+            cold = os.path.join(tmp, f"cache{i}") if args.cache == "cold" else None
+            times["gptjax"].append(gptjax_run(cmd, cache=cold)[0])
             if args.nanogpt:
                 tick = time.perf_counter()
                 r = subprocess.run(nano, capture_output=True, text=True, cwd=args.nanogpt)
@@ -79,7 +86,7 @@ def main() -> None:
                     sys.exit(f"nanoGPT failed: {r.stderr.strip().splitlines()[-1:]}")
                 times["nanogpt"].append(time.perf_counter() - tick)
         prof = os.path.join(tmp, "train.prof")
-        wall, out = gptjax_run(cmd, prof)
+        wall, out = gptjax_run(cmd, prof, os.path.join(tmp, "cache-profiled") if args.cache == "cold" else None)
         stats = pstats.Stats(prof)
     cum = {k: _cum(stats, v) for k, v in PHASES.items()}
     compile_s = float(re.findall(r"compiled the train step in ([\d.]+) s", out)[0])
@@ -93,7 +100,8 @@ def main() -> None:
             (f"the other {n - 1} steps and the loop", cum["the loop"] - compile_s - est_save),
             ("closing sample (its compile included)", cum["closing sample"])]
     rows.append(("other (argument parsing, run files, closing)", wall - sum(v for _, v in rows)))
-    lines = [f"`gptjax {shlex.join(cmd[:-1])} --out_dir=DIR`, one run under cProfile ({wall:.1f} s wall):", "",
+    lines = [f"`gptjax {shlex.join(cmd[:-1])} --out_dir=DIR`, {args.cache} compilation cache, one run under cProfile "
+             f"({wall:.1f} s wall):", "",
              "| phase | seconds |", "| --- | --- |"] + [f"| {k} | {v:.2f} |" for k, v in rows]
     g = statistics.median(times["gptjax"])
     lines += ["", f"Without the profiler, {args.runs} runs: gptjax {', '.join(f'{t:.1f}' for t in times['gptjax'])} s "
