@@ -2,7 +2,7 @@
 training process against nanoGPT's own eager loop, and where each framework spends its train step.
 
     python experiments/xla_vs_eager.py --input=../shared/data/tinyshakespeare/input.txt \
-        [--nanogpt=PATH/TO/nanoGPT] [--config=shakespeare_char_cpu] [--name=cpu] [--runs=2] [--quick]
+        [--nanogpt=PATH/TO/nanoGPT] [--config=shakespeare_char_cpu] [--name=NAME] [--runs=2] [--quick]
 
 Writes experiments/results/xla_vs_eager_NAME.md and the bench outputs under experiments/results/xla_vs_eager_NAME/.
 --nanogpt names a checkout of karpathy/nanoGPT with data/shakespeare_char prepared; its train.py runs with the
@@ -94,11 +94,20 @@ def profile(args, framework: str) -> str:
 def main() -> None:
     args = options(sys.argv[1:], {
         "input": Option("PATH", None, "tiny Shakespeare's input.txt", required=True), **CONFIG_OPTION,
-        "name": Option("NAME", "cpu", "results go to experiments/results/xla_vs_eager_NAME*"),
+        "name": Option("NAME", "", "results go to experiments/results/xla_vs_eager_NAME*; default cpu_VENDOR_MODEL "
+                                   "(e.g. cpu_amd_2, cpu_intel_207: one page per machine kind, gathered by hand in "
+                                   "xla_vs_eager_cpu.md)"),
         "nanogpt": Option("PATH", "", "a karpathy/nanoGPT checkout: its train.py beside `gptjax train`"),
         "runs": Option("N", 2, "whole-process runs of each", None),
         "quick": Option("true|false", False, "fewer steps and repeats, no sweep: a smoke run")},
         "xla_vs_eager.py", __doc__)
+    if not args.name:
+        from gptjax import host
+
+        cpu = host.cpu()
+        model = re.search(r"model (\w+)", cpu["name"])
+        vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu["vendor"], "other")
+        args.name = f"cpu_{vendor}_{model.group(1) if model else 'unknown'}"
     out = os.path.relpath(os.path.join(RESULTS, f"xla_vs_eager_{args.name}"))
     steps = ["--steps=5", "--repeats=2"] if args.quick else ["--steps=50", "--repeats=5", "--rounds=2"]
     sections = []

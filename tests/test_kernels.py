@@ -181,3 +181,40 @@ def test_on_a_mesh_each_device_multiplies_its_rows_and_the_program_is_the_same_i
     assert calls == ["CALLS ['32,40', '32,48', '48,40']"], calls  # y, dx per device; dw from the device's rows
     hlo = [next(ln for ln in r.stdout.splitlines() if ln.startswith("HLO")) for r in runs]
     assert hlo[0] == hlo[1]
+
+
+def _ffi_calls(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "ffi_call"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _ffi_calls(inner)
+    return n
+
+
+@needs_kernel
+def test_bfloat16_on_the_kernel_stays_within_its_bound_of_float32():
+    """The bf16 bound of test_fast on the kernel's path (--dtype=auto picks it on an AMX CPU): loss within 1% of
+    float32's, gradients' direction within 1%, and every linear layer's product (4 a layer and the head) is the
+    kernel's; and it rounds (a path that silently stayed float32 would differ by ~1e-7)."""
+    from gptjax import evaluate, model
+
+    x = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, CFG.block_size)), jnp.int32)
+    params = model.split(model.create(CFG, 0))[1]
+
+    def run(c):
+        graphdef = model.graphdef_for(CFG, c)
+        return jax.jit(jax.value_and_grad(lambda p: evaluate.loss_fn(graphdef, p, x, x, None)))(params), graphdef
+
+    (loss32, g32), _ = run(compute.Compute())
+    (loss16, g16), graphdef16 = run(compute.Compute(dtype="bfloat16", matmul="mkl"))
+    assert abs(float(loss16) - float(loss32)) <= 0.01 * float(loss32)
+    assert abs(float(loss16) - float(loss32)) > 1e-5
+    a, b = (jnp.concatenate([v.ravel() for v in jax.tree.leaves(g)]) for g in (g32, g16))
+    assert float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b)) >= 0.99
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g16))
+    forward = jax.make_jaxpr(lambda p: model.apply(graphdef16, p, x))(params).jaxpr
+    assert _ffi_calls(forward) == 4 * CFG.n_layer + 1
