@@ -78,8 +78,8 @@ def describe_matmul(c: Compute) -> str:
 
     if c.matmul == "mkl":
         return f"matmuls on the oneMKL kernel ({kernels.load()[1]})"
-    ok, why = kernels.load() if jax.default_backend() == "cpu" else (True, "")
-    return "XLA's matmuls" + ("" if ok else f" (no kernel: {why})")
+    tried = kernels.status()  # set where --matmul=auto asked for the kernel and it did not load
+    return "XLA's matmuls" + ("" if tried is None or tried[0] else f" (no kernel: {tried[1]})")
 
 
 def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = False, remat: str = "none",

@@ -72,7 +72,8 @@ OPTIONS = {
         **{k: o for k, o in SAMPLE.items() if k != "kv_cache"},
         "checkpoint": CHECKPOINT,
         "kv_cache": SAMPLE["kv_cache"],
-        "dtype": Option("auto|float32|bfloat16", "auto", "matmul dtype; auto: bfloat16 on a GPU/TPU, float32 on a CPU"),
+        "dtype": Option("auto|float32|bfloat16", "auto", "matmul dtype; auto: bfloat16 on a GPU/TPU and an AMX CPU "
+                                                          "with the kernel, else float32"),
         "attention": Option("auto|einsum|xla|cudnn", "auto", "attention kernel; auto: cudnn on a GPU in bfloat16"),
     },
     "eval": {

@@ -254,8 +254,9 @@ def load_run(out_dir: str, which: str | int = "best", **compute):
     """(config, graphdef, params) of a trained run, its parameters alone read from checkpoint `which`: best (else
     latest), latest, or a step.
 
-    compute: dtype/attention/scan_layers/remat overrides for the graphdef (default: float32, einsum attention,
-    unrolled: the exact forward pass); the parameters are the same whatever they are."""
+    compute: dtype/attention/scan_layers/remat/matmul overrides for the graphdef (default: float32, einsum
+    attention, unrolled, the host's auto matmul: the exact forward pass); the parameters are the same whatever
+    they are."""
     config, graphdef, params = _model_of(out_dir, compute)
     return config, graphdef, checkpoint.restore(out_dir, _checkpoint_name(out_dir, which), params, part="params")
 
@@ -272,7 +273,9 @@ def _model_of(out_dir: str, compute: dict):
     config = saved_config(out_dir)
     if config is None:
         raise UserError(f"{out_dir} holds no run (no config.json): train one with gptjax train --out_dir={out_dir}")
-    settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", **compute}
+    # matmul: auto, not the run's own (a run trained with --matmul=mkl is read on a host without the kernel too)
+    settings = {"dtype": "float32", "attention": "einsum", "scan_layers": False, "remat": "none", "matmul": "auto",
+                **compute}
     graphdef, params = model.split(model.create(config.model, config.train.seed,
                                                 compute_of(config, False, **settings)))
     return config, graphdef, params

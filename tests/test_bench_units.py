@@ -317,7 +317,15 @@ def test_mode_variants_run_side_by_side_and_the_best_of_each_framework_is_named(
     assert line in capsys.readouterr().out and line in (tmp_path / "results.md").read_text()
 
 
+def test_a_variants_mesh_keeps_its_commas():
+    assert modes.settings("jax_jit_dp[mesh=dp:2,fsdp:1,dtype=float32]") == {"mesh": "dp:2,fsdp:1", "dtype": "float32"}
+    assert runner.parse_options({"modes": "jax_jit,jax_jit_dp[mesh=dp:2,fsdp:1],torch_eager"}).modes == (
+        "jax_jit", "jax_jit_dp[mesh=dp:2,fsdp:1]", "torch_eager")
+
+
 @pytest.mark.parametrize("modes_arg, needle", [
+    ("jax_jit,jax_jit[scan_layers=maybe]", "scan_layers"),  # refused before jax_jit runs
+    ("jax_jit_dp[step_impl=pmap] --workload=forward", "step_impl applies to --workload=train only"),
     ("jax_jit[matmul=blas]", "--matmul=blas: use one of auto, xla, mkl"),
     ("torch_eager[matmul=mkl]", "keys of torch_eager: dtype"),
     ("jax_jit[step_impl=pmap]", "step_impl lays out a data-parallel step: jax_jit_dp[step_impl=...]"),
@@ -325,4 +333,4 @@ def test_mode_variants_run_side_by_side_and_the_best_of_each_framework_is_named(
     ("jax_jitt[dtype=float32]", "unknown mode 'jax_jitt[dtype=float32]'"),
 ])
 def test_bad_mode_variants_are_one_line(capsys, no_mode_runs, modes_arg, needle):
-    assert needle in _refused(capsys, f"--modes={modes_arg}")
+    assert needle in _refused(capsys, *f"--modes={modes_arg}".split())

@@ -48,6 +48,7 @@ def test_linear_on_the_kernel_equals_xla_forward_and_backward(dtype, lead):
     _close(dx_k, dx_x, dtype)
     _close(dw_k, dw_x, dtype)
     _close(jax.jit(lambda x, w: linear(x, w, "mkl"))(x, w), x @ w, dtype)
+    assert compute.describe_matmul(compute.Compute(matmul="mkl")).startswith("matmuls on the oneMKL kernel (oneMKL")
 
 
 @needs_kernel
@@ -77,6 +78,18 @@ def test_gemm_split_over_the_thread_pool(dtype, trans_a, trans_b, m, n):
     b = _rand((n, 129) if trans_b else (129, n), dtype, 7)
     want = jnp.matmul(a.T if trans_a else a, b.T if trans_b else b, preferred_element_type=jnp.float32)
     _close(jax.jit(lambda a, b: kernels.gemm(a, b, trans_a, trans_b))(a, b), want, jnp.float32)
+
+
+@needs_kernel
+def test_gemm_of_empty_operands_and_a_shared_matrix_split_over_the_pool():
+    """Zero rows, columns, contraction or batch; and a batch of one against a shared B, big enough to be cut."""
+    f = jax.jit(kernels.gemm)
+    assert f(jnp.zeros((0, 4)), jnp.zeros((4, 5))).shape == (0, 5)
+    assert f(jnp.zeros((3, 4)), jnp.zeros((4, 0))).shape == (3, 0)
+    assert f(jnp.zeros((0, 3, 4)), jnp.zeros((4, 5))).shape == (0, 3, 5)
+    np.testing.assert_array_equal(f(jnp.ones((3, 0)), jnp.ones((0, 5))), np.zeros((3, 5), np.float32))
+    a, b = _rand((1, 301, 129), jnp.float32, 8), _rand((129, 200), jnp.float32, 9)
+    _close(f(a, b), jnp.matmul(a, b), jnp.float32)
 
 
 @needs_kernel
@@ -112,7 +125,10 @@ def test_without_the_library_auto_runs_on_xla_and_mkl_is_one_line(no_mkl):
 
     ok, why = kernels.load()
     assert not ok and "oneMKL" in why and "gptjax[mkl]" in why
-    assert resolve_compute(device=jax.devices("cpu")[0], matmul="auto").matmul == "xla"
+    c = resolve_compute(device=jax.devices("cpu")[0], matmul="auto")
+    assert c.matmul == "xla"
+    # train's opening line says which it runs on, and why not the kernel
+    assert compute.describe_matmul(c) == f"XLA's matmuls (no kernel: {why})"
     with pytest.raises(UserError, match="--matmul=mkl: the kernel cannot run here: oneMKL") as e:
         resolve_compute(device=jax.devices("cpu")[0], matmul="mkl")
     assert "\n" not in str(e.value)
@@ -218,3 +234,18 @@ def test_bfloat16_on_the_kernel_stays_within_its_bound_of_float32():
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g16))
     forward = jax.make_jaxpr(lambda p: model.apply(graphdef16, p, x))(params).jaxpr
     assert _ffi_calls(forward) == 4 * CFG.n_layer + 1
+
+
+def test_a_run_trained_on_the_kernel_loads_where_there_is_none(no_mkl, tmp_path):
+    """sample and eval read a run's model with the host's own auto matmul, not the run's saved --matmul=mkl."""
+    import json
+
+    from gptjax import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Config(model=CFG)
+    config = Config(model=CFG, train=config.train.__class__(matmul="mkl"))
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    loaded, graphdef, _ = rundir._model_of(str(run), {})
+    assert loaded.train.matmul == "mkl" and "matmul='xla'" in repr(graphdef)

@@ -55,7 +55,7 @@ def _run(mode: JaxMode, spec: dict) -> Result:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptjax import evaluate, optim, parallel, sample, train
+    from gptjax import evaluate, kernels, optim, parallel, sample, train
     from gptjax.compute import Compute, compute_of
     from gptjax.config import Config
 
@@ -101,7 +101,8 @@ def _run(mode: JaxMode, spec: dict) -> Result:
         mesh = None if eager else parallel.data_mesh(B, devices)
 
         def forward(p, x_BT, y_BT):
-            return evaluate.loss_fn(graphdef, p, x_BT, y_BT)
+            with kernels.split_over(mesh):  # the matmul kernel splits over the devices as XLA's dots do
+                return evaluate.loss_fn(graphdef, p, x_BT, y_BT)
 
         if mesh is None:
             fwd, place = jax.jit(forward), devices[0]
@@ -124,9 +125,10 @@ def _run(mode: JaxMode, spec: dict) -> Result:
         base = jax.random.PRNGKey(spec["seed"])
 
         def call(i):
-            pending["out"] = sample.generate(graphdef, c.block_size, L, None, params, prompt_NP,
-                                             jax.random.fold_in(base, i), jnp.float32(1.0),
-                                             kv_cache=sampler == "kv")
+            with kernels.split_over(mesh):  # read when generate is traced, at the first call
+                pending["out"] = sample.generate(graphdef, c.block_size, L, None, params, prompt_NP,
+                                                 jax.random.fold_in(base, i), jnp.float32(1.0),
+                                                 kv_cache=sampler == "kv")
             return None
 
         tokens_per_call = B * L

@@ -45,7 +45,8 @@ def parse(name: str) -> tuple[Mode, dict[str, str]]:
         raise UserError(f"--modes: unknown mode {name!r}; use a comma-separated list of {', '.join(MODES)}, each "
                         "optionally with settings, e.g. jax_jit_dp[matmul=xla]")
     mode, settings = MODES[m.group(1)], {}
-    for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
+    # settings split at the commas that start another key=, so a mesh keeps its own: [mesh=dp:2,fsdp:2,dtype=...]
+    for part in filter(None, (p.strip() for p in re.split(r",(?=\s*\w+=)", m.group(2) or ""))):
         key, eq, value = part.partition("=")
         allowed = VARIANT_KEYS[mode.framework]
         if not eq or key not in allowed:

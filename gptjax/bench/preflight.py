@@ -93,6 +93,18 @@ def check_mesh(config: Config, o: Options) -> None:
                             "batch over every device)")
 
 
+def check_variants(config: Config, o: Options) -> None:
+    """A mode's own settings (jax_jit_dp[mesh=...]) are checked as the command's are, before any mode runs: their
+    values, and mesh / step_impl only where a train step is laid out."""
+    for name in o.modes:
+        extra = modes.settings(name)
+        modes.with_settings(config, name)  # a UserError for a value the config refuses
+        for key in ("mesh", "step_impl"):
+            if key in extra and o.workload != "train":
+                raise UserError(f"--modes: {name}: {key} applies to --workload=train only (forward and generate "
+                                "split the batch over every device)")
+
+
 def check_out(out: str) -> None:
     """--out must be a directory that is, or can be made, writable, with its results files writable: missing
     directories are made, a probe file of a fresh name is created and removed in it, then every directory made for

@@ -79,7 +79,7 @@ def _jax_category(name: str, inst: dict) -> str:
     if name.startswith(("all-reduce", "all-gather", "reduce-scatter")):
         return "all-reduce (incl. waiting for the other device)"
     op, fns = inst.get(name, ("", []))
-    if op == "custom-call" or name.startswith(("custom-call", "ffi_call")):
+    if name.startswith("ffi_call"):  # jax.ffi calls: gptjax's only one is the kernel
         return "matmul (the oneMKL kernel)"
     if name.startswith("ynn_fusion") or op == "dot" or name.startswith("dot"):
         return "matmul (XLA)"

@@ -238,6 +238,7 @@ def run(config: Config, o: Options, command: str = "") -> list[dict]:
     command = command or "gptjax bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     points = _points(config, o)
     preflight.check_mesh(config, o)
+    preflight.check_variants(config, o)
     for _, pconfig in points:
         preflight.check_memory(pconfig, o)
     preflight.check_out(o.out)

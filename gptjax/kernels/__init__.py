@@ -92,7 +92,9 @@ def build() -> str:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling gemm.cc failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+            first = next((ln for ln in lines if "error" in ln), lines[-1])
+            raise RuntimeError(f"compiling gemm.cc failed ({' '.join(cmd[:1])}): {first.strip()}")
         os.replace(tmp, path)  # processes building at once each write their own file; the last rename wins
     finally:
         if os.path.exists(tmp):
@@ -120,6 +122,11 @@ def load() -> tuple[bool, str]:
     except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
         _state["status"] = (False, str(e))
     return _state["status"]
+
+
+def status() -> tuple[bool, str] | None:
+    """load()'s answer if it has run in this process, else None (nothing built or tried)."""
+    return _state.get("status")
 
 
 def available() -> bool:
@@ -165,6 +172,8 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False, mesh=None):
     This is a shard_map rather than jax's custom_partitioning, whose lowering names a Python object by its id():
     the program would differ in every process and never load from the persistent compilation cache."""
     mesh = mesh or _MESH.get()
+    # rows that do not divide over the devices (never the case for a batch the mesh was made for): the product
+    # stays whole on every device, correct but not split
     if mesh is None or mesh.size == 1 or a.shape[0] % mesh.size:
         return gemm(a, b, trans_a, trans_b)
     import jax
@@ -172,7 +181,10 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False, mesh=None):
 
     axes = tuple(mesh.axis_names)
     rows = P(axes, None)
-    if trans_a:
+    if trans_a:  # b's rows are the same contracted rows: b is [rows, N], or [N, rows] with trans_b
+        if trans_b:
+            b = b.T
+
         def local(a, b):
             return jax.lax.psum(gemm(a, b, True, False), axes)
 

@@ -97,11 +97,14 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
   int64_t kb = trans_b ? bd[rb - 1] : bd[rb - 2], n = trans_b ? bd[rb - 2] : bd[rb - 1];
   int64_t batch = 1;
   for (int64_t i = 0; i < ra - 2; ++i) batch *= ad[i];
-  int64_t b_batch = 1;
-  for (int64_t i = 0; i < rb - 2; ++i) b_batch *= bd[i];
-  if (k != kb || (b_batch != 1 && b_batch != batch) || cd[cd.size() - 2] != m || cd[cd.size() - 1] != n)
+  // B: a matrix shared by every batch entry, or A's batch dims exactly
+  bool shared = rb == 2;
+  if (!shared && rb != ra) return ffi::Error::InvalidArgument("gemm: B's batch dims are not A's");
+  for (int64_t i = 0; !shared && i < ra - 2; ++i)
+    if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("gemm: B's batch dims are not A's");
+  if (k != kb || cd[cd.size() - 2] != m || cd[cd.size() - 1] != n)
     return ffi::Error::InvalidArgument("gemm: operand shapes do not match");
-  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   float* out = static_cast<float*>(c->untyped_data());
   if (k == 0) {
     std::fill(out, out + batch * m * n, 0.0f);
@@ -110,7 +113,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ff
 
   auto work = std::make_shared<Pieces>();
   work->g = Gemm{a.element_type() == ffi::DataType::BF16, trans_a, trans_b, m, n, k, m * k,
-                 rb > 2 && b_batch == batch ? k * n : 0, a.untyped_data(), b.untyped_data(), out};
+                 shared ? 0 : k * n, a.untyped_data(), b.untyped_data(), out};
   // Pieces of at least ~4 MFLOP (smaller ones cost more to hand over than they save), at most one per thread
   // per batch entry when the batch alone does not fill the pool.
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
