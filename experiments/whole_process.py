@@ -22,12 +22,10 @@ import sys
 import tempfile
 import time
 
+from xla_vs_eager import NANOGPT_CPU  # nanoGPT README's CPU run; --max_iters below override its 2000
+
 from gptjax.args import Option, options
 
-# nanoGPT README's CPU run, as experiments/xla_vs_eager.py gives it (its --max_iters and --lr_decay_iters: ours)
-NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
-               "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
-               "--n_embd=128", "--dropout=0.0"]
 # phase: the functions whose cumulative time it is (file suffix, function name)
 PHASES = {
     "loss estimates": [("gptjax/train.py", "evaluate_and_save")],

@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -159,10 +158,9 @@ def device() -> str:
 
     d = jax.devices()[0]
     if d.platform == "cpu":
-        model = ""
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        return f"CPU: {model or platform.machine()}, {os.cpu_count()} cores"
+        from gptjax import host
+
+        return f"CPU: {host.cpu()['name']}, {os.cpu_count()} cores"
     return f"{d.platform.upper()}: {getattr(d, 'device_kind', d)} x {jax.device_count()}"
 
 

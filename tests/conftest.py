@@ -178,3 +178,14 @@ CACHE_DAMAGE = {
     "meta.json not an object": lambda d: (d / "meta.json").write_text("[1]"),
     "tokenizer.json deleted": lambda d: os.remove(d / "tokenizer.json"),
 }
+
+
+def jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (custom_vjp, scan, shard_map, ...), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from jaxpr_eqns(inner)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jaxpr_eqns
 from flax import nnx
 from test_train import compile_log
 
@@ -100,16 +101,8 @@ def test_bfloat16_keeps_the_residual_stream_float32(monkeypatch):
 
 def _dot_dtypes(jaxpr) -> list[str]:
     """The input dtype of every dot_general in a jaxpr, its sub-jaxprs (custom_vjp, scan, ...) included."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append("/".join(sorted({str(v.aval.dtype) for v in eqn.invars})))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += _dot_dtypes(inner)
-    return out
+    return ["/".join(sorted({str(v.aval.dtype) for v in eqn.invars})) for eqn in jaxpr_eqns(jaxpr)
+            if eqn.primitive.name == "dot_general"]
 
 
 def test_bfloat16_training_tracks_float32(tiny_config, tmp_path):

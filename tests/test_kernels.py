@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jaxpr_eqns
 
 from gptjax import compute, host, kernels
 from gptjax.compute import resolve_compute
@@ -82,11 +83,11 @@ def test_gemm_split_over_the_thread_pool(dtype, trans_a, trans_b, m, n):
 
 @needs_kernel
 def test_gemm_of_empty_operands_and_a_shared_matrix_split_over_the_pool():
-    """Zero rows, columns, contraction or batch; and a batch of one against a shared B, big enough to be cut."""
+    """Zero rows, columns or contraction; and a batch of one against a shared B, big enough to be cut. (A zero batch
+    never reaches the kernel: XLA drops the call, so gemm.cc's guard for it has no test that could fail.)"""
     f = jax.jit(kernels.gemm)
     assert f(jnp.zeros((0, 4)), jnp.zeros((4, 5))).shape == (0, 5)
     assert f(jnp.zeros((3, 4)), jnp.zeros((4, 0))).shape == (3, 0)
-    assert f(jnp.zeros((0, 3, 4)), jnp.zeros((4, 5))).shape == (0, 3, 5)
     np.testing.assert_array_equal(f(jnp.ones((3, 0)), jnp.ones((0, 5))), np.zeros((3, 5), np.float32))
     a, b = _rand((1, 301, 129), jnp.float32, 8), _rand((129, 200), jnp.float32, 9)
     _close(f(a, b), jnp.matmul(a, b), jnp.float32)
@@ -199,18 +200,6 @@ def test_on_a_mesh_each_device_multiplies_its_rows_and_the_program_is_the_same_i
     assert hlo[0] == hlo[1]
 
 
-def _ffi_calls(jaxpr) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "ffi_call"
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _ffi_calls(inner)
-    return n
-
-
 @needs_kernel
 def test_bfloat16_on_the_kernel_stays_within_its_bound_of_float32():
     """The bf16 bound of test_fast on the kernel's path (--dtype=auto picks it on an AMX CPU): loss within 1% of
@@ -233,7 +222,7 @@ def test_bfloat16_on_the_kernel_stays_within_its_bound_of_float32():
     assert float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b)) >= 0.99
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g16))
     forward = jax.make_jaxpr(lambda p: model.apply(graphdef16, p, x))(params).jaxpr
-    assert _ffi_calls(forward) == 4 * CFG.n_layer + 1
+    assert sum(eqn.primitive.name == "ffi_call" for eqn in jaxpr_eqns(forward)) == 4 * CFG.n_layer + 1
 
 
 def test_a_run_trained_on_the_kernel_loads_where_there_is_none(no_mkl, tmp_path):
