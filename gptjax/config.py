@@ -35,6 +35,8 @@ class DataConfig:
     input: str = ""  # local text file; skips the download
     tokenizer: str = ""  # char | gpt2 | bpe:N; empty: the dataset's own
     data_dir: str = ""  # download + prepared-token cache; empty: $GPTJAX_DATA_DIR or ~/.cache/gptjax
+    val_fraction: float = 0.1  # the last fraction of the text held out for validation
+    bpe_sample_bytes: int = 1 << 26  # bpe:N learns its merges from about this much of the train split (64 MiB)
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,7 @@ INT_MAX = 2**31 - 1  # steps and sizes live in int32 on the device
 # Config keys first, then the options of sample, eval and bench. NaN is outside every range.
 RANGES = {
     "vocab_size": (0, INT_MAX, False, False), "block_size": (1, INT_MAX, False, False),
+    "val_fraction": (0.0, 1.0, True, True), "bpe_sample_bytes": (1, None, False, False),
     "n_layer": (1, INT_MAX, False, False), "n_head": (1, INT_MAX, False, False), "n_embd": (1, INT_MAX, False, False),
     "dropout": (0.0, 1.0, False, True),
     "seed": (0, 2**32 - 1, False, False), "batch_size": (1, INT_MAX, False, False),
@@ -367,7 +370,7 @@ def check_range(key: str, value, name: str | None = None) -> None:
 def validate(config: Config) -> None:
     """Every numeric setting's range, then the checks across settings that would otherwise fail inside JAX."""
     m, t, d = config.model, config.train, config.data
-    for section in (m, t):
+    for section in (m, t, d):
         for f in dataclasses.fields(section):
             if f.name in RANGES:
                 check_range(f.name, getattr(section, f.name))

@@ -1,7 +1,10 @@
-"""Corpora (download + sha256, or a local path), 90/10 token files with a JSON meta, and the batch sampler."""
+"""Corpora (download + sha256, or a local path), their prepared token files (streamed, cached, locked) with a JSON
+meta, and the batch sampler."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptjax import tokenizers
-from gptjax.config import DataConfig, cache_home, expand_path
+from gptjax import corpora, tokenizers, writes
+from gptjax.config import DataConfig, cache_home, check_range, expand_path
 from gptjax.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -70,17 +73,22 @@ def corpus_path(config: DataConfig) -> str:
 
 
 def read_text(path: str) -> str:
+    """The whole corpus as one string (for experiments on small corpora; `prepare` streams it instead)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text: dropped, as Python does
             text = f.read()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
-    if not text:
+    _check_length(path, len(text))
+    return text
+
+
+def _check_length(path: str, n_chars: int) -> None:
+    if not n_chars:
         raise UserError(f"{path} is empty: a corpus needs text to train on")
-    if len(text) < 2:
+    if n_chars < 2:
         raise UserError(f"{path} holds one character: a corpus needs text to train on (each split at least two "
                         "tokens)")
-    return text
 
 
 @dataclass(frozen=True)
@@ -97,42 +105,93 @@ class Prepared:
         return tokenizers.load(os.path.join(self.dir, "tokenizer.json"))
 
 
-def split_text(text: str) -> dict[str, str]:
-    """The 90/10 split of a corpus' characters: {"train": the first 90%, "val": the rest}."""
-    n = int(len(text) * 0.9)
+def train_chars(n_chars: int, val_fraction: float = 0.1) -> int:
+    """Where a text's train split ends: its first (1 - val_fraction) of characters are train, the rest val."""
+    return int(n_chars * (1 - val_fraction))
+
+
+def split_text(text: str, val_fraction: float = 0.1) -> dict[str, str]:
+    """The split of a corpus' characters: {"train": the first 90% (by default), "val": the rest}."""
+    n = train_chars(len(text), val_fraction)
     return {"train": text[:n], "val": text[n:]}
 
 
-def _cache_entry(config: DataConfig) -> tuple[str, str, str, str]:
-    """(corpus path, its sha256, tokenizer spec, the prepared directory for the pair)."""
-    path = corpus_path(config)
-    digest = sha256(path)
+def _spec(config: DataConfig) -> str:
     spec = config.tokenizer or CORPORA.get(config.dataset, "char")
+    tokenizers.check_spec(spec)
+    return spec
+
+
+def _bpe_stride(config: DataConfig, spec: str, scan: corpora.Scan) -> int:
+    """A BPE learns from every k-th block of the train split, k such that about --bpe_sample_bytes are read (1: all
+    of it, which a corpus under that size always gets)."""
+    if not spec.startswith("bpe:"):
+        return 1
+    return max(1, -(-int(scan.n_bytes * (1 - config.val_fraction)) // config.bpe_sample_bytes))
+
+
+def _cache_name(config: DataConfig, spec: str, scan: corpora.Scan) -> str:
     # A BPE learns its merges from the train split only: merges fitted on val text as well made val tokens
     # likelier and the val loss lower than the model earned. "-train" keeps caches fitted the old way out of use.
-    name = f"{digest[:16]}-{spec.replace(':', '')}" + ("-train" if spec.startswith("bpe:") else "")
-    return path, digest, spec, os.path.join(data_dir(config), "prepared", name)
+    name = f"{scan.sha256[:16]}-{spec.replace(':', '')}" + ("-train" if spec.startswith("bpe:") else "")
+    if config.val_fraction != DataConfig.val_fraction:
+        name += f"-val{config.val_fraction!r}"
+    if _bpe_stride(config, spec, scan) > 1:
+        name += f"-sample{config.bpe_sample_bytes}"
+    return name
 
 
-def prepare(config: DataConfig) -> Prepared:
-    """Tokenize the corpus once (90/10 split of the text); reuse the cache when corpus and tokenizer match."""
-    path, digest, spec, out = _cache_entry(config)
-    if os.path.lexists(out):
-        problem = cache_problem(out)
-        if problem is None:
-            with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
-                return Prepared(out, json.load(f))
-        print(f"gptjax: the prepared cache {out} is damaged ({problem}); preparing it again", file=sys.stderr)
-        _discard(out)
-    text = read_text(path)
-    tok = tokenizers.build(spec, split_text(text)["train"] if spec.startswith("bpe:") else text)
-    return _write_prepared(out, path, digest, spec, tok, text)
+def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prepared:
+    """The corpus tokenized into train/val token files, streamed; the cache reused when corpus, tokenizer and split
+    match. The corpus is found without reading it (corpora.fingerprint, then the index of its scans); one process
+    prepares it while others asking for it wait. `tok`: tokenize with it instead (an experiment's control, e.g. a
+    tokenizer fitted on the whole corpus), replacing what is there."""
+    path = corpus_path(config)
+    spec = _spec(config)
+    check_range("val_fraction", config.val_fraction)
+    check_range("bpe_sample_bytes", config.bpe_sample_bytes)
+    root = os.path.join(data_dir(config), "prepared")
+    try:
+        os.makedirs(os.path.join(root, "index"), exist_ok=True)
+        fp = corpora.fingerprint(path)
+    except OSError as e:
+        raise UserError(f"cannot prepare {path} in {root}: {e.strerror}") from None
+    with writes.locked(os.path.join(root, "index", f"{fp}.lock"), f"another process is preparing {path}; waiting"):
+        scan = _scan(root, fp, path, need_chars=spec == "char" and tok is None)
+        out = os.path.join(root, _cache_name(config, spec, scan))
+        if tok is None and os.path.lexists(out):
+            problem = cache_problem(out)
+            if problem is None:
+                with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+                    meta = json.load(f)
+                if meta["corpus_sha256"] == scan.sha256:
+                    return Prepared(out, meta)
+                problem = "its meta.json names another corpus"
+            print(f"gptjax: the prepared cache {out} is damaged ({problem}); preparing it again", file=sys.stderr)
+        if os.path.lexists(out):
+            _discard(out)
+        return _write_prepared(config, out, path, spec, scan, tok)
+
+
+def _scan(root: str, fp: str, path: str, need_chars: bool) -> corpora.Scan:
+    """The corpus' scan from the index (by fingerprint), or read from the file once and indexed."""
+    index = os.path.join(root, "index", f"{fp}.json")
+    try:
+        with open(index, encoding="utf-8") as f:
+            scan = corpora.Scan(**json.load(f))
+        if not need_chars or scan.chars is not None:
+            return scan
+    except (OSError, ValueError, TypeError):
+        pass
+    scan = corpora.scan(path, need_chars, corpora.Progress(f"reading {os.path.basename(path)}",
+                                                            os.path.getsize(path)))
+    _check_length(path, scan.n_chars)
+    writes.atomic_write(index, json.dumps(dataclasses.asdict(scan)))
+    return scan
 
 
 META_TYPES = {"corpus_sha256": str, "tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int,
               "val_tokens": int, "train_chars": int, "val_chars": int}
-
-
 def cache_problem(out: str) -> str | None:
     """What is wrong with the prepared cache in `out` (meta.json unreadable, a token file missing or not the size
     its meta gives, the tokenizer unreadable), or None when its files agree with its meta."""
@@ -181,35 +240,86 @@ def _discard(out: str) -> None:
 def prepare_with(config: DataConfig, tok: tokenizers.Tokenizer) -> Prepared:
     """Tokenize the corpus with `tok` (one fitted some other way) into the directory prepare(config) reads: an
     experiment's control, e.g. a tokenizer fitted on the whole corpus. Replaces what is there."""
-    path, digest, spec, out = _cache_entry(config)
-    shutil.rmtree(out, ignore_errors=True)
-    return _write_prepared(out, path, digest, spec, tok, read_text(path))
+    return prepare(config, tok)
 
 
-def _write_prepared(out: str, path: str, digest: str, spec: str, tok: tokenizers.Tokenizer, text: str) -> Prepared:
-    parts = split_text(text)
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    ids = {s: np.asarray(tok.encode(parts[s]), dtype=dtype) for s in SPLITS}
-    if min(len(ids["train"]), len(ids["val"])) < 2:
-        raise UserError(f"{path} is too short: each split needs at least 2 tokens")
-    meta = {
-        "corpus": os.path.abspath(path), "corpus_sha256": digest, "tokenizer": spec,
-        "vocab_size": tok.vocab_size, "dtype": dtype,
-        "train_tokens": len(ids["train"]), "val_tokens": len(ids["val"]),
-        "train_chars": len(parts["train"]), "val_chars": len(parts["val"]),
-    }
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out))  # written whole, then renamed: no half-prepared cache
-    for s in SPLITS:
-        ids[s].tofile(os.path.join(tmp, f"{s}.bin"))
-    tokenizers.save(tok, os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process prepared it first
-        shutil.rmtree(tmp)
-    return Prepared(out, meta)
+def _fit(config: DataConfig, spec: str, path: str, scan: corpora.Scan, n_train: int) -> tokenizers.Tokenizer:
+    """The tokenizer spec names, fitted where it learns: char on the corpus' characters, bpe:N on (a sample of)
+    the train split's text, counted block by block."""
+    if spec != "char" and not spec.startswith("bpe:"):
+        return tokenizers.build(spec, "")
+    if spec == "char":
+        return tokenizers.build(spec, scan.chars)
+    stride, words = _bpe_stride(config, spec, scan), collections.Counter()
+    progress = corpora.Progress(f"learning {spec} from {os.path.basename(path)}", scan.n_bytes)
+    for i, (part, text) in enumerate(corpora.text_blocks(path, [n_train], progress=progress)):
+        if part:
+            break
+        if i % stride == 0:
+            tokenizers.count_words(text, words)
+    return tokenizers.build(spec, words)
+
+
+def _write_prepared(config: DataConfig, out: str, path: str, spec: str, scan: corpora.Scan,
+                    tok: tokenizers.Tokenizer | None) -> Prepared:
+    n_train = train_chars(scan.n_chars, config.val_fraction)
+    tok = tok or _fit(config, spec, path, scan, n_train)
+    dtype = np.dtype("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
+    root = os.path.dirname(out)
+    _remove_abandoned(root, os.path.basename(out))
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-{os.getpid()}-", dir=root)
+    try:  # written whole, then renamed: no half-prepared cache under the cache's name
+        counts, stats = [0, 0], {}
+        progress = corpora.Progress(f"tokenizing {os.path.basename(path)}", scan.n_bytes)
+        blocks = corpora.text_blocks(path, [n_train], progress=progress, stats=stats)
+        with open(os.path.join(tmp, "train.bin"), "wb") as ftrain, open(os.path.join(tmp, "val.bin"), "wb") as fval:
+            files = (ftrain, fval)
+            for part, ids in corpora.encode_blocks(blocks, tok.encode_array):
+                files[part].write(ids.astype(dtype).tobytes())
+                counts[part] += len(ids)
+                progress.update(tokens=sum(counts))
+        progress.update(scan.n_bytes, sum(counts), final=True)
+        if min(counts) < 2:
+            raise UserError(f"{path} is too short: each split needs at least 2 tokens")
+        meta = {
+            "corpus": os.path.abspath(path), "corpus_sha256": scan.sha256, "tokenizer": spec,
+            "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "train_tokens": counts[0], "val_tokens": counts[1],
+            "train_chars": n_train, "val_chars": scan.n_chars - n_train,
+            "corpus_bytes": scan.n_bytes, "val_fraction": config.val_fraction, "forced_cuts": stats["forced_cuts"],
+        }
+        if spec.startswith("bpe:"):
+            meta["bpe_sample_stride"] = _bpe_stride(config, spec, scan)
+        tokenizers.save(tok, os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process prepared it first
+            shutil.rmtree(tmp)
+            with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        return Prepared(out, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_abandoned(root: str, name: str) -> None:
+    """Temporary directories of `name` left by a prepare that was killed (its process gone)."""
+    for entry in os.listdir(root):
+        if not entry.startswith(f".tmp-{name}-"):
+            continue
+        try:
+            pid = int(entry[len(f".tmp-{name}-"):].split("-")[0])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # still at work
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:

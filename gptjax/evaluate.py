@@ -50,6 +50,7 @@ def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index
 def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size: int,
                mesh=None) -> tuple[float, int]:
     """Summed nats over every next-token prediction of `tokens`, in consecutive windows of block_size; (nats, n).
+    Memory bounded by one batch, whatever the length of `tokens`.
 
     With a mesh, each batch splits over its data axes and the params are laid out as parallel.state_sharding."""
 
@@ -66,19 +67,14 @@ def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size
 
     n = len(tokens) - 1
     windows = -(-n // block_size)
-    pad = windows * block_size - n
-    x = np.concatenate([np.asarray(tokens[:-1], np.int32), np.zeros(pad, np.int32)]).reshape(windows, block_size)
-    y = np.concatenate([np.asarray(tokens[1:], np.int32), np.zeros(pad, np.int32)]).reshape(windows, block_size)
-    mask = (np.arange(windows * block_size) < n).astype(np.float32).reshape(windows, block_size)
     total = 0.0
-    for i in range(0, windows, batch_size):
-        sl = slice(i, i + batch_size)
-        bx, by, bm = x[sl], y[sl], mask[sl]
-        if len(bx) < batch_size:  # pad the last batch so one compiled shape serves all
-            extra = batch_size - len(bx)
-            bx, by = (np.concatenate([a, np.zeros((extra, block_size), np.int32)]) for a in (bx, by))
-            bm = np.concatenate([bm, np.zeros((extra, block_size), np.float32)])
-        total += float(nll_sum(params, bx, by, bm))
+    for i in range(0, windows, batch_size):  # one batch's windows read from the (memory-mapped) tokens at a time
+        seg = np.asarray(tokens[i * block_size:(i + batch_size) * block_size + 1], np.int32)
+        m = len(seg) - 1  # predictions in this batch; the rest of its rows (the last batch) are padding
+        x, y, mask = (np.zeros(batch_size * block_size, dt) for dt in (np.int32, np.int32, np.float32))
+        x[:m], y[:m], mask[:m] = seg[:-1], seg[1:], 1.0
+        shape = (batch_size, block_size)  # one compiled shape serves every batch
+        total += float(nll_sum(params, x.reshape(shape), y.reshape(shape), mask.reshape(shape)))
     return total, n
 
 
@@ -169,8 +165,9 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
     n = jax.device_count()  # more rows than windows would be padding: cap it, still dividing over the devices
     batch_size = min(batch_size or config.train.batch_size, -(-windows // n) * n)
-    # The split's inputs, targets and mask, and one batch's logits, log-sum-exp and activations, in float32.
-    refuse_unless_fits(12 * len(tokens) + 4 * batch_size * m.block_size * (3 * m.vocab_size + 16 * m.n_embd),
+    # One batch's inputs, targets and mask, and its logits, log-sum-exp and activations, in float32: the split itself
+    # stays on disk, read a batch at a time.
+    refuse_unless_fits(4 * batch_size * m.block_size * (3 + 3 * m.vocab_size + 16 * m.n_embd),
                        f"eval over {len(tokens):,} tokens in batches of {batch_size:,} x {m.block_size}",
                        "--batch_size")
     mesh = parallel.make_mesh(mesh, batch_size)

@@ -7,6 +7,7 @@ import heapq
 import json
 from collections import Counter
 
+import numpy as np
 import regex
 import tiktoken
 
@@ -24,6 +25,7 @@ class CharTokenizer:
         self.chars = chars
         self.vocab_size = len(chars)
         self._stoi = {c: i for i, c in enumerate(chars)}
+        self._table = None  # code point -> id, built on the first encode_array
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -34,6 +36,23 @@ class CharTokenizer:
             return [self._stoi[c] for c in text]
         except KeyError as e:
             raise UserError(f"character {e.args[0]!r} is not in this model's char vocabulary") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode(text) as a uint32 array, by table lookup on the code points (no Python loop)."""
+        if self._table is None:
+            table = np.full(max(map(ord, self.chars), default=0) + 1, 0xFFFFFFFF, np.uint32)
+            table[[ord(c) for c in self.chars]] = np.arange(len(self.chars), dtype=np.uint32)
+            self._table = table
+        if text.isascii():
+            cps = np.frombuffer(text.encode("ascii"), np.uint8)
+        else:
+            cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        if len(cps) and int(cps.max()) >= len(self._table):
+            raise UserError(f"character {chr(int(cps.max()))!r} is not in this model's char vocabulary")
+        ids = self._table[cps]
+        if (bad := ids == 0xFFFFFFFF).any():
+            raise UserError(f"character {chr(int(cps[np.argmax(bad)]))!r} is not in this model's char vocabulary")
+        return ids
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -52,6 +71,11 @@ class TiktokenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode(text) as a uint32 array, without a Python list in between (special tokens' text is ordinary
+        text here too)."""
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
@@ -85,11 +109,19 @@ def _bpe_encoding(name: str, ranks: list[bytes], pat_str: str = GPT2_PATTERN) ->
                              special_tokens={})
 
 
-def train_bpe(text: str, vocab_size: int) -> TiktokenTokenizer:
-    """Byte-level BPE (GPT-2 pre-tokenization) grown from 256 bytes to vocab_size distinct tokens."""
+def count_words(text: str, words: Counter | None = None) -> Counter:
+    """GPT-2's pre-tokenizer pieces of text, as UTF-8 bytes, counted (added to `words` when given)."""
+    words = Counter() if words is None else words
+    words.update(m.encode("utf-8") for m in regex.findall(GPT2_PATTERN, text))
+    return words
+
+
+def train_bpe(text: str | Counter, vocab_size: int) -> TiktokenTokenizer:
+    """Byte-level BPE (GPT-2 pre-tokenization) grown from 256 bytes to vocab_size distinct tokens; from a text, or
+    from its pieces already counted (count_words, over blocks cut where the pieces do not change)."""
     if vocab_size < 256:
         raise UserError(f"--tokenizer=bpe:{vocab_size}: a byte-level BPE needs at least 256 tokens")
-    words = Counter(m.encode("utf-8") for m in regex.findall(GPT2_PATTERN, text))
+    words = count_words(text) if isinstance(text, str) else text
     seqs = [list(w) for w in words]
     counts = list(words.values())
     ranks = [bytes([i]) for i in range(256)]
@@ -146,19 +178,31 @@ def train_bpe(text: str, vocab_size: int) -> TiktokenTokenizer:
     return TiktokenTokenizer(f"bpe:{vocab_size}", _bpe_encoding(f"bpe{vocab_size}", ranks))
 
 
-def build(spec: str, text: str) -> Tokenizer:
-    """The tokenizer named by spec (char | gpt2 | bpe:N), fitted to text where it learns from the corpus."""
+def bpe_size(spec: str) -> int | None:
+    """N of a bpe:N spec (a UserError if N is not an integer); None for another spec."""
+    if not spec.startswith("bpe:"):
+        return None
+    try:
+        return int(spec[4:])
+    except ValueError:
+        raise UserError(f"--tokenizer={spec}: write bpe:N with N an integer, e.g. bpe:1024") from None
+
+
+def check_spec(spec: str) -> None:
+    """A UserError unless spec names a tokenizer: char | gpt2 | bpe:N."""
+    if spec not in ("char", "gpt2") and bpe_size(spec) is None:
+        raise UserError(f"--tokenizer={spec}: use char, gpt2 or bpe:N")
+
+
+def build(spec: str, text: str | Counter) -> Tokenizer:
+    """The tokenizer named by spec (char | gpt2 | bpe:N), fitted to text where it learns from the corpus (for char:
+    the text or its characters; for bpe:N, the text or count_words of it)."""
+    check_spec(spec)
     if spec == "char":
         return CharTokenizer.from_text(text)
     if spec == "gpt2":
         return gpt2()
-    if spec.startswith("bpe:"):
-        try:
-            n = int(spec[4:])
-        except ValueError:
-            raise UserError(f"--tokenizer={spec}: write bpe:N with N an integer, e.g. bpe:1024") from None
-        return train_bpe(text, n)
-    raise UserError(f"--tokenizer={spec}: use char, gpt2 or bpe:N")
+    return train_bpe(text, bpe_size(spec))
 
 
 def from_json(d: dict) -> Tokenizer:

@@ -63,3 +63,22 @@ def probe(d: str) -> None:
         for m in reversed(made):
             with contextlib.suppress(OSError):
                 os.rmdir(m)
+
+
+@contextlib.contextmanager
+def locked(path: str, waiting: str):
+    """Hold an exclusive lock on the file at path (made if missing) for the block; when another process holds it,
+    print `waiting` to stderr once and wait. The lock goes with the process, however it ends."""
+    import fcntl
+    import sys
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"gptjax: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

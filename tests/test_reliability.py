@@ -151,7 +151,7 @@ def test_a_damaged_prepared_cache_is_named_and_rebuilt(capsys, tmp_path, shakesp
         assert {f: (tmp_path / prep.dir / f).read_bytes() for f in whole} == whole, what
         err = capsys.readouterr().err
         assert f"the prepared cache {prep.dir} is damaged" in err and "preparing it again" in err, (what, err)
-    assert sorted(os.listdir(os.path.dirname(prep.dir))) == [os.path.basename(prep.dir)]  # no debris left
+    assert sorted(os.listdir(os.path.dirname(prep.dir))) == [os.path.basename(prep.dir), "index"]  # no debris left
 
 
 def test_a_corpus_changed_since_the_run_was_trained_is_named(capsys, trained, tmp_path, shakespeare):

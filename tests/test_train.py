@@ -222,6 +222,16 @@ def test_exact_eval_covers_every_token():
         ref += float(model.cross_entropy(model.apply(graphdef, params, x), y)) * x.shape[1]
     assert total == pytest.approx(ref, rel=1e-5)
 
+    class OneBatchAtATime:  # a split read only in slices of one batch's windows, never whole
+        def __len__(self):
+            return len(tokens)
+
+        def __getitem__(self, sl):
+            assert isinstance(sl, slice) and len(range(*sl.indices(len(tokens)))) <= 3 * 8 + 1, sl
+            return tokens[sl]
+
+    assert exact_loss(graphdef, params, OneBatchAtATime(), 8, batch_size=3) == (total, n)
+
 
 
 def test_the_whole_loop_compiles_the_step_once(tiny_config, tmp_path):
