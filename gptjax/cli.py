@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     parallel.use_all_cores()
     parallel.reuse_freed_memory()
-    parallel.use_compilation_cache()
+    if argv[:1] != ["prepare"]:  # the one command that never imports jax: its start-up stays a fraction of a second
+        parallel.use_compilation_cache()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -35,7 +35,9 @@ class DataConfig:
     input: str = ""  # local text file; skips the download
     tokenizer: str = ""  # char | gpt2 | bpe:N; empty: the dataset's own
     data_dir: str = ""  # download + prepared-token cache; empty: $GPTJAX_DATA_DIR or ~/.cache/gptjax
-    val_fraction: float = 0.1  # the last fraction of the text held out for validation
+    val_fraction: float = 0.1  # held out for validation: the text's last fraction, or that fraction of documents
+    text_field: str = "text"  # the field of each JSON Lines record (column of a Parquet file) holding its text
+    split_seed: int = 2357  # which documents go to val (nanoGPT's seed for OpenWebText's split)
     bpe_sample_bytes: int = 1 << 26  # bpe:N learns its merges from about this much of the train split (64 MiB)
 
 
@@ -314,6 +316,7 @@ INT_MAX = 2**31 - 1  # steps and sizes live in int32 on the device
 RANGES = {
     "vocab_size": (0, INT_MAX, False, False), "block_size": (1, INT_MAX, False, False),
     "val_fraction": (0.0, 1.0, True, True), "bpe_sample_bytes": (1, None, False, False),
+    "split_seed": (0, 2**63 - 1, False, False),
     "n_layer": (1, INT_MAX, False, False), "n_head": (1, INT_MAX, False, False), "n_embd": (1, INT_MAX, False, False),
     "dropout": (0.0, 1.0, False, True),
     "seed": (0, 2**32 - 1, False, False), "batch_size": (1, INT_MAX, False, False),

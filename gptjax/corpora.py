@@ -7,6 +7,7 @@ import codecs
 import collections
 import concurrent.futures
 import hashlib
+import multiprocessing
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptjax import documents
 from gptjax.errors import UserError
 
 READ_BYTES = 1 << 20  # one read() of the corpus
@@ -111,7 +113,7 @@ def scan(path: str, want_chars: bool, progress: Progress | None = None) -> Scan:
     h, dec, n_bytes, n_chars = hashlib.sha256(), _decoder(), 0, 0
     seen_ascii = np.zeros(128, bool)
     other: set[str] = set()
-    with open(path, "rb") as f:
+    with documents.open_binary(path) as f:
         while True:
             chunk = f.read(READ_BYTES)
             try:
@@ -160,7 +162,7 @@ def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int |
     limit = max(4 * block_chars, MAX_BLOCK_CHARS)
     stats = stats if stats is not None else {}
     stats.setdefault("forced_cuts", 0)
-    with open(path, "rb") as f:
+    with documents.open_binary(path) as f:
         eof = False
         while not eof:
             chunk = f.read(READ_BYTES)
@@ -205,22 +207,101 @@ def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int |
             pending, held = ([buf], len(buf)) if buf else ([], 0)
 
 
-def encode_blocks(blocks: typing.Iterable[tuple[int, str]], encode: typing.Callable[[str], np.ndarray],
+def pieces(text: str, block_chars: int | None = None, stats: dict | None = None) -> list[str]:
+    """text in pieces of about block_chars (default BLOCK_CHARS), cut as text_blocks cuts a file."""
+    block_chars = block_chars or BLOCK_CHARS
+    limit = max(4 * block_chars, MAX_BLOCK_CHARS)
+    out = []
+    while len(text) > block_chars:
+        cut = safe_cut(text, block_chars) or next_safe_cut(text, block_chars, limit)
+        if not cut:
+            if len(text) <= limit:
+                break
+            cut = limit
+            if stats is not None:
+                stats["forced_cuts"] = stats.get("forced_cuts", 0) + 1
+        out.append(text[:cut])
+        text = text[cut:]
+    return out + [text]
+
+
+def document_blocks(docs: typing.Iterable[str], val_fraction: float, seed: int, stats: dict,
+                    block_chars: int | None = None) -> typing.Iterator[tuple[int, list[tuple[str, bool]]]]:
+    """(part, [(text, ends a document), ...]) blocks of about block_chars: each document goes whole to train (part
+    0) or val (1) as documents.in_val decides, a long one in pieces; stats counts documents and characters per
+    part."""
+    block_chars = block_chars or BLOCK_CHARS
+    pending: dict[int, list] = {0: [], 1: []}
+    size = {0: 0, 1: 0}
+    stats.update(documents=[0, 0], chars=[0, 0], forced_cuts=stats.get("forced_cuts", 0))
+    for i, doc in enumerate(docs):
+        part = int(documents.in_val(i, val_fraction, seed))
+        stats["documents"][part] += 1
+        stats["chars"][part] += len(doc)
+        cut = pieces(doc, block_chars, stats)
+        for j, piece in enumerate(cut):
+            pending[part].append((piece, j == len(cut) - 1))
+            size[part] += len(piece)
+            if size[part] >= block_chars:
+                yield part, pending[part]
+                pending[part], size[part] = [], 0
+    for part in (0, 1):
+        if pending[part]:
+            yield part, pending[part]
+
+
+def encode_payload(tok, payload: str | list[tuple[str, bool]], dtype: str) -> np.ndarray:
+    """The ids of a block: a text's, or a list of document pieces', each document followed by tok.eot."""
+    if isinstance(payload, str):
+        return tok.encode_array(payload).astype(dtype)
+    eot = np.array([tok.eot if tok.eot is not None else 0], dtype)
+    parts = []
+    for text, ends in payload:
+        parts.append(tok.encode_array(text).astype(dtype))
+        if ends:
+            parts.append(eot)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+_worker_tok = None  # in an encoder process: its tokenizer
+
+
+def _start_worker(tokenizer_json: dict) -> None:
+    global _worker_tok
+    from gptjax import tokenizers
+
+    _worker_tok = tokenizers.from_json(tokenizer_json)
+
+
+def _encode_in_worker(payload, dtype: str) -> np.ndarray:
+    return encode_payload(_worker_tok, payload, dtype)
+
+
+def encode_blocks(blocks: typing.Iterable[tuple[int, typing.Any]], tok, dtype: str,
                   workers: int = 0) -> typing.Iterator[tuple[int, np.ndarray]]:
-    """(part, ids) for each block, in order, encoded on `workers` threads (default: every core) with at most two
-    blocks per thread in flight. The encoders release the GIL (tiktoken's Rust core; numpy's table lookup)."""
+    """(part, ids as dtype) for each block (a text, or document pieces: encode_payload), in order: encoded by
+    `workers` processes (default: one per core; 1: in this process), at most two blocks per worker in flight.
+
+    Processes, not threads: tiktoken keeps part of its work under the GIL, and threads scaled worse than processes
+    (experiments/results/data_scale.md measures both). Spawned, not forked: the parent may hold jax's threads."""
     workers = workers or len(os.sched_getaffinity(0))
     if workers == 1:
-        for part, text in blocks:
-            yield part, encode(text)
+        for part, payload in blocks:
+            yield part, encode_payload(tok, payload, dtype)
         return
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gptjax-encode") as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                                                initargs=(tok.to_json(),)) as pool:
         inflight: collections.deque = collections.deque()
-        for part, text in blocks:
-            inflight.append((part, pool.submit(encode, text)))
-            while len(inflight) >= 2 * workers:
+        try:
+            for part, payload in blocks:
+                inflight.append((part, pool.submit(_encode_in_worker, payload, dtype)))
+                while len(inflight) >= 2 * workers:
+                    p, fut = inflight.popleft()
+                    yield p, fut.result()
+            while inflight:
                 p, fut = inflight.popleft()
                 yield p, fut.result()
-        while inflight:
-            p, fut = inflight.popleft()
-            yield p, fut.result()
+        finally:
+            for _, fut in inflight:
+                fut.cancel()

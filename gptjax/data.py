@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptjax import corpora, tokenizers, writes
+from gptjax import corpora, documents, tokenizers, writes
 from gptjax.config import DataConfig, cache_home, check_range, expand_path
 from gptjax.errors import UserError
 
@@ -63,6 +63,9 @@ def _download_shakespeare(root: str) -> str:
 
 def corpus_path(config: DataConfig) -> str:
     if config.input:
+        if documents.is_documents(config.input):
+            documents.files(config.input)  # a UserError when there are none
+            return config.input
         if not os.path.isfile(config.input):
             raise UserError(f"--input={config.input}: no such file")
         return config.input
@@ -130,10 +133,14 @@ def _bpe_stride(config: DataConfig, spec: str, scan: corpora.Scan) -> int:
     return max(1, -(-int(scan.n_bytes * (1 - config.val_fraction)) // config.bpe_sample_bytes))
 
 
-def _cache_name(config: DataConfig, spec: str, scan: corpora.Scan) -> str:
+def _cache_name(config: DataConfig, spec: str, scan: corpora.Scan, docs: bool) -> str:
     # A BPE learns its merges from the train split only: merges fitted on val text as well made val tokens
     # likelier and the val loss lower than the model earned. "-train" keeps caches fitted the old way out of use.
     name = f"{scan.sha256[:16]}-{spec.replace(':', '')}" + ("-train" if spec.startswith("bpe:") else "")
+    if docs:
+        name += "-docs" + (f"-{config.text_field}" if config.text_field != DataConfig.text_field else "")
+        if config.split_seed != DataConfig.split_seed:
+            name += f"-seed{config.split_seed}"
     if config.val_fraction != DataConfig.val_fraction:
         name += f"-val{config.val_fraction!r}"
     if _bpe_stride(config, spec, scan) > 1:
@@ -143,22 +150,27 @@ def _cache_name(config: DataConfig, spec: str, scan: corpora.Scan) -> str:
 
 def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prepared:
     """The corpus tokenized into train/val token files, streamed; the cache reused when corpus, tokenizer and split
-    match. The corpus is found without reading it (corpora.fingerprint, then the index of its scans); one process
+    match. The corpus is found without reading it (its fingerprint, then the index of its scans); one process
     prepares it while others asking for it wait. `tok`: tokenize with it instead (an experiment's control, e.g. a
-    tokenizer fitted on the whole corpus), replacing what is there."""
+    tokenizer fitted on the whole corpus), replacing what is there.
+
+    One text file is one document, split by characters; a corpus of documents (documents.is_documents) is split by
+    document, each followed by the tokenizer's end-of-text token."""
     path = corpus_path(config)
     spec = _spec(config)
     check_range("val_fraction", config.val_fraction)
     check_range("bpe_sample_bytes", config.bpe_sample_bytes)
+    docs = documents.is_documents(path)
+    paths = documents.files(path) if docs else [path]
     root = os.path.join(data_dir(config), "prepared")
     try:
         os.makedirs(os.path.join(root, "index"), exist_ok=True)
-        fp = corpora.fingerprint(path)
+        fp = documents.fingerprint(paths) if docs else corpora.fingerprint(path)
     except OSError as e:
         raise UserError(f"cannot prepare {path} in {root}: {e.strerror}") from None
     with writes.locked(os.path.join(root, "index", f"{fp}.lock"), f"another process is preparing {path}; waiting"):
-        scan = _scan(root, fp, path, need_chars=spec == "char" and tok is None)
-        out = os.path.join(root, _cache_name(config, spec, scan))
+        scan = _scan(root, fp, path, paths, need_chars=spec == "char" and tok is None and not docs)
+        out = os.path.join(root, _cache_name(config, spec, scan, docs))
         if tok is None and os.path.lexists(out):
             problem = cache_problem(out)
             if problem is None:
@@ -170,11 +182,13 @@ def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prep
             print(f"gptjax: the prepared cache {out} is damaged ({problem}); preparing it again", file=sys.stderr)
         if os.path.lexists(out):
             _discard(out)
+        if docs:
+            return _write_documents(config, out, path, paths, spec, scan, tok)
         return _write_prepared(config, out, path, spec, scan, tok)
 
 
-def _scan(root: str, fp: str, path: str, need_chars: bool) -> corpora.Scan:
-    """The corpus' scan from the index (by fingerprint), or read from the file once and indexed."""
+def _scan(root: str, fp: str, path: str, paths: list[str], need_chars: bool) -> corpora.Scan:
+    """The corpus' scan from the index (by fingerprint), or read from the files once and indexed."""
     index = os.path.join(root, "index", f"{fp}.json")
     try:
         with open(index, encoding="utf-8") as f:
@@ -183,9 +197,14 @@ def _scan(root: str, fp: str, path: str, need_chars: bool) -> corpora.Scan:
             return scan
     except (OSError, ValueError, TypeError):
         pass
-    scan = corpora.scan(path, need_chars, corpora.Progress(f"reading {os.path.basename(path)}",
-                                                            os.path.getsize(path)))
-    _check_length(path, scan.n_chars)
+    total = sum(os.path.getsize(p) for p in paths)
+    progress = corpora.Progress(f"reading {os.path.basename(path.rstrip(os.sep))}", total)
+    if documents.is_documents(path):
+        digest, n_bytes = documents.sha256(paths, path if os.path.isdir(path) else os.path.dirname(path), progress)
+        scan = corpora.Scan(digest, n_bytes, 0)
+    else:
+        scan = corpora.scan(path, need_chars, progress)
+        _check_length(path, scan.n_chars)
     writes.atomic_write(index, json.dumps(dataclasses.asdict(scan)))
     return scan
 
@@ -264,32 +283,74 @@ def _write_prepared(config: DataConfig, out: str, path: str, spec: str, scan: co
                     tok: tokenizers.Tokenizer | None) -> Prepared:
     n_train = train_chars(scan.n_chars, config.val_fraction)
     tok = tok or _fit(config, spec, path, scan, n_train)
+    stats: dict = {}
+
+    def blocks(progress):
+        return corpora.text_blocks(path, [n_train], progress=progress, stats=stats)
+
+    def meta(counts):
+        if min(counts) < 2:
+            raise UserError(f"{path} is too short: each split needs at least 2 tokens")
+        m = {"train_chars": n_train, "val_chars": scan.n_chars - n_train, "forced_cuts": stats["forced_cuts"]}
+        if spec.startswith("bpe:"):
+            m["bpe_sample_stride"] = _bpe_stride(config, spec, scan)
+        return m
+
+    return _write(config, out, path, spec, scan, tok, blocks, meta)
+
+
+def _write_documents(config: DataConfig, out: str, path: str, paths: list[str], spec: str, scan: corpora.Scan,
+                     tok: tokenizers.Tokenizer | None) -> Prepared:
+    if tok is None and spec == "gpt2":
+        tok = tokenizers.gpt2()
+    if tok is None or tok.eot is None:
+        raise UserError(f"--input={path} is a corpus of documents, which are separated by an end-of-text token: "
+                        f"--tokenizer={spec} has none; use --tokenizer=gpt2")
+    stats: dict = {}
+
+    def blocks(progress):
+        docs = documents.read(paths, config.text_field, progress)
+        return corpora.document_blocks(docs, config.val_fraction, config.split_seed, stats)
+
+    def meta(counts):
+        n = stats["documents"]
+        if min(n) == 0:
+            raise UserError(f"--input={path}: of its {sum(n):,} documents none fell into "
+                            f"{'val' if n[0] else 'train'} at --val_fraction={config.val_fraction}: "
+                            + ("raise --val_fraction, or give more documents" if n[0] else "lower --val_fraction"))
+        return {"train_chars": stats["chars"][0], "val_chars": stats["chars"][1], "forced_cuts": stats["forced_cuts"],
+                "train_documents": n[0], "val_documents": n[1], "text_field": config.text_field,
+                "split_seed": config.split_seed, "eot": tok.eot, "files": len(paths)}
+
+    return _write(config, out, path, spec, scan, tok, blocks, meta)
+
+
+def _write(config: DataConfig, out: str, path: str, spec: str, scan: corpora.Scan, tok: tokenizers.Tokenizer,
+           blocks, meta_of) -> Prepared:
+    """Encode blocks(progress) into a temporary directory beside `out`, then rename it to `out`: no half-prepared
+    cache is ever under the cache's name. meta_of(token counts) checks the result and gives the meta's own keys."""
     dtype = np.dtype("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
     root = os.path.dirname(out)
-    _remove_abandoned(root, os.path.basename(out))
+    writes.remove_abandoned(root, f".tmp-{os.path.basename(out)}-")
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-{os.getpid()}-", dir=root)
-    try:  # written whole, then renamed: no half-prepared cache under the cache's name
-        counts, stats = [0, 0], {}
-        progress = corpora.Progress(f"tokenizing {os.path.basename(path)}", scan.n_bytes)
-        blocks = corpora.text_blocks(path, [n_train], progress=progress, stats=stats)
+    try:
+        counts = [0, 0]
+        progress = corpora.Progress(f"tokenizing {os.path.basename(path.rstrip(os.sep))}", scan.n_bytes)
         with open(os.path.join(tmp, "train.bin"), "wb") as ftrain, open(os.path.join(tmp, "val.bin"), "wb") as fval:
             files = (ftrain, fval)
-            for part, ids in corpora.encode_blocks(blocks, tok.encode_array):
-                files[part].write(ids.astype(dtype).tobytes())
+            # Worker processes for BPE where there is enough text to repay starting them (a second or so); the char
+            # tokenizer's table lookup outruns what handing blocks to other processes costs.
+            workers = 0 if scan.n_bytes >= 8 * corpora.BLOCK_CHARS and tok.name != "char" else 1
+            for part, ids in corpora.encode_blocks(blocks(progress), tok, dtype.name, workers):
+                files[part].write(ids.tobytes())
                 counts[part] += len(ids)
                 progress.update(tokens=sum(counts))
         progress.update(scan.n_bytes, sum(counts), final=True)
-        if min(counts) < 2:
-            raise UserError(f"{path} is too short: each split needs at least 2 tokens")
         meta = {
             "corpus": os.path.abspath(path), "corpus_sha256": scan.sha256, "tokenizer": spec,
-            "vocab_size": tok.vocab_size, "dtype": dtype.name,
-            "train_tokens": counts[0], "val_tokens": counts[1],
-            "train_chars": n_train, "val_chars": scan.n_chars - n_train,
-            "corpus_bytes": scan.n_bytes, "val_fraction": config.val_fraction, "forced_cuts": stats["forced_cuts"],
+            "vocab_size": tok.vocab_size, "dtype": dtype.name, "train_tokens": counts[0], "val_tokens": counts[1],
+            "corpus_bytes": scan.n_bytes, "val_fraction": config.val_fraction, **meta_of(counts),
         }
-        if spec.startswith("bpe:"):
-            meta["bpe_sample_stride"] = _bpe_stride(config, spec, scan)
         tokenizers.save(tok, os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -303,23 +364,6 @@ def _write_prepared(config: DataConfig, out: str, path: str, spec: str, scan: co
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _remove_abandoned(root: str, name: str) -> None:
-    """Temporary directories of `name` left by a prepare that was killed (its process gone)."""
-    for entry in os.listdir(root):
-        if not entry.startswith(f".tmp-{name}-"):
-            continue
-        try:
-            pid = int(entry[len(f".tmp-{name}-"):].split("-")[0])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # still at work
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
-        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:

@@ -11,6 +11,7 @@ FORMAT_NAMES = "|".join(FORMATS)  # export --to= and import --from=: a row of we
 USAGE = f"""usage: gptjax COMMAND [--key=value ...]
 
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
+           [--val_fraction=F] [--bpe_sample_bytes=N] [--text_field=NAME] [--split_seed=S] [--data_dir=DIR]
   train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
            [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]
            [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]

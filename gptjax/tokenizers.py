@@ -26,6 +26,7 @@ class CharTokenizer:
         self.vocab_size = len(chars)
         self._stoi = {c: i for i, c in enumerate(chars)}
         self._table = None  # code point -> id, built on the first encode_array
+        self.eot = None  # no end-of-text token: the characters are the whole vocabulary
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -68,6 +69,7 @@ class TiktokenTokenizer:
         self.name = name
         self.encoding = encoding
         self.vocab_size = encoding.n_vocab
+        self.eot = encoding.eot_token if "<|endoftext|>" in encoding.special_tokens_set else None
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)

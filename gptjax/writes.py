@@ -82,3 +82,20 @@ def locked(path: str, waiting: str):
         yield
     finally:
         os.close(fd)
+
+
+def remove_abandoned(root: str, prefix: str) -> None:
+    """Remove the entries of root named PREFIX<pid>-... whose process is gone: what a killed writer left."""
+    import shutil
+
+    for entry in os.listdir(root):
+        if not entry.startswith(prefix):
+            continue
+        try:
+            os.kill(int(entry[len(prefix):].split("-")[0]), 0)
+            continue  # still at work
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+            continue
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)

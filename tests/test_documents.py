@@ -1,0 +1,131 @@
+"""Corpora of documents: every input kind gives the same tokens, each document followed by <|endoftext|>, val made of
+whole documents chosen by seed, long documents cut without changing a token, bad input named in one line."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from gptjax import corpora, data, documents, tokenizers
+from gptjax.config import DataConfig
+from gptjax.errors import UserError
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def docs(shakespeare_text):
+    """40 documents: the play's speeches, of every length, and a few with multi-byte text and odd whitespace."""
+    speeches = [s for s in shakespeare_text.split("\n\n") if s][:37]
+    return speeches + ["héllo wörld 😀\r\n\r\n  tail  ", "日本語のテキスト", "x" * 5000]
+
+
+def _reference(docs, val_fraction, seed=2357):
+    tok = tokenizers.gpt2()
+    out = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        out["val" if documents.in_val(i, val_fraction, seed) else "train"] += tok.encode(d) + [EOT]
+    return out
+
+
+def _write_inputs(root, docs):
+    """The same documents as a directory of text files, JSON Lines (plain, gzip, zstd) and Parquet."""
+    d = root / "dir"
+    d.mkdir()
+    for i, doc in enumerate(docs):
+        (d / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    (d / ".hidden").write_text("not a document")
+    lines = "".join(json.dumps({"id": i, "text": doc}) + "\n" for i, doc in enumerate(docs))
+    (root / "c.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(root / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    inputs = {"directory": str(d), "glob": str(d / "doc*.txt"), "jsonl": str(root / "c.jsonl"),
+              "jsonl.gz": str(root / "c.jsonl.gz")}
+    zstandard = pytest.importorskip("zstandard")
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    inputs["jsonl.zst"] = str(root / "c.jsonl.zst")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": docs}), root / "c.parquet", row_group_size=7)
+    inputs["parquet"] = str(root / "c.parquet")
+    return inputs
+
+
+def test_every_input_kind_gives_each_document_then_endoftext(docs, tmp_path):
+    want = _reference(docs, 0.2)
+    assert want["train"] and want["val"]
+    for kind, path in _write_inputs(tmp_path, docs).items():
+        prep = data.prepare(DataConfig(input=path, tokenizer="gpt2", val_fraction=0.2, data_dir=str(tmp_path / kind)))
+        got = {s: prep.tokens(s).tolist() for s in data.SPLITS}
+        assert got == want, kind
+        n_val = sum(documents.in_val(i, 0.2, 2357) for i in range(len(docs)))
+        assert (prep.meta["train_documents"], prep.meta["val_documents"]) == (len(docs) - n_val, n_val), kind
+        assert prep.meta["val_chars"] == sum(len(d) for i, d in enumerate(docs) if documents.in_val(i, 0.2, 2357))
+
+
+def test_val_is_whole_documents_chosen_by_the_seed(docs, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = tokenizers.gpt2()
+    splits = {}
+    for seed in (2357, 1):
+        prep = data.prepare(DataConfig(input=str(path), tokenizer="gpt2", val_fraction=0.25, split_seed=seed,
+                                       data_dir=str(tmp_path / "d")))
+        texts = {s: tok.decode(prep.tokens(s).tolist()).split("<|endoftext|>") for s in data.SPLITS}
+        assert all(t[-1] == "" for t in texts.values())  # every split ends with a document's end
+        train, val = set(texts["train"][:-1]), set(texts["val"][:-1])
+        assert not train & val and train | val == set(docs) and len(val) == prep.meta["val_documents"]
+        splits[seed] = val
+    assert splits[2357] != splits[1]  # another seed, other val documents
+    assert 0.1 < len(splits[2357]) / len(docs) < 0.45
+
+
+def test_a_long_document_is_cut_without_changing_its_tokens(docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "BLOCK_CHARS", 300)  # every speech over 300 characters in pieces
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prep = data.prepare(DataConfig(input=str(path), tokenizer="gpt2", val_fraction=0.2, data_dir=str(tmp_path / "d")))
+    assert {s: prep.tokens(s).tolist() for s in data.SPLITS} == _reference(docs, 0.2)
+    assert max(map(len, docs)) > 300 * 4
+
+
+def test_one_text_file_stays_one_document_without_endoftext(shakespeare, tmp_path):
+    prep = data.prepare(DataConfig(input=shakespeare, tokenizer="gpt2", data_dir=str(tmp_path)))
+    assert EOT not in np.asarray(prep.tokens("train")) and "documents" not in str(prep.meta)
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"text": "a"}\n{"body": "b"}\n', r"c\.jsonl:2 has no text field 'text' \(it has: body\): pass --text_field"),
+    ('{"text": "a"}\nnot json\n', r"c\.jsonl:2 is not a JSON object"),
+    ('{"text": "a"}\n{"text": "b"}\n', r"of its 2 documents none fell into val at --val_fraction=0.1: raise"),
+])
+def test_bad_documents_are_one_line_and_leave_nothing(content, says, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=says):
+        data.prepare(DataConfig(input=str(path), tokenizer="gpt2", data_dir=str(tmp_path / "d")))
+    assert [e.name for e in (tmp_path / "d" / "prepared").iterdir()] == ["index"]
+
+
+def test_text_field_picks_the_field_and_names_its_own_cache(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": "one", "body": f"doc {i} body"}) + "\n" for i in range(20)))
+    body = data.prepare(DataConfig(input=str(path), tokenizer="gpt2", text_field="body", val_fraction=0.3,
+                                   data_dir=str(tmp_path / "d")))
+    tok = tokenizers.gpt2()
+    assert "doc 0 body" in tok.decode(np.concatenate([body.tokens("train"), body.tokens("val")]).tolist())
+    assert body.dir.endswith("-docs-body-val0.3")
+
+
+def test_documents_need_an_endoftext_token(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a"}\n')
+    with pytest.raises(UserError, match="separated by an end-of-text token: --tokenizer=char has none; use "
+                                        "--tokenizer=gpt2"):
+        data.prepare(DataConfig(input=str(path), tokenizer="char", data_dir=str(tmp_path / "d")))
+
+
+def test_an_empty_directory_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no files there"):
+        data.prepare(DataConfig(input=str(tmp_path / "empty"), tokenizer="gpt2", data_dir=str(tmp_path / "d")))
