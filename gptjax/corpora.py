@@ -7,6 +7,7 @@ import codecs
 import collections
 import concurrent.futures
 import hashlib
+import io
 import multiprocessing
 import os
 import sys
@@ -40,7 +41,8 @@ def safe_cut(text: str, end: int | None = None) -> int:
     GPT-2's pieces (contractions, ` ?letters`, ` ?digits`, ` ?punctuation`, whitespace runs) hold whitespace only at
     their start or throughout, so no piece spans a solid character followed by whitespace: p is a piece boundary.
     The pieces after p depend on the text from p on only (the pattern looks ahead, never behind), and those before p
-    end at or before p - 1 with every lookahead (`\\s+(?!\\S)`, inside whitespace runs) decided before p - 1."""
+    end at or before p - 1 with every lookahead (`\\s+(?!\\S)`, inside whitespace runs) decided before p - 1; the
+    `\\s++$` of tiktoken's newer spelling of the pattern matches nothing at a cut that follows a solid character."""
     end = len(text) - 1 if end is None else min(end, len(text) - 1)
     for ws in ("\n", " ", "\t", "\r"):
         p = end + 1
@@ -100,7 +102,9 @@ class Progress:
 
 
 def _decoder():
-    return codecs.getincrementaldecoder("utf-8-sig")()  # a leading byte-order mark dropped, as open() does
+    """UTF-8 decoded as open(path, encoding="utf-8-sig") reads it: a leading byte-order mark dropped, and \r\n and a
+    lone \r read as \n (universal newlines), so a corpus gives the tokens it gave when it was read whole."""
+    return io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
 
 
 def _not_utf8(path: str, offset: int) -> UserError:
@@ -109,7 +113,10 @@ def _not_utf8(path: str, offset: int) -> UserError:
 
 
 def scan(path: str, want_chars: bool, progress: Progress | None = None) -> Scan:
-    """Read the file once: sha256, size, character count, and the character set when want_chars."""
+    """Read the file once: sha256, size, character count, and the character set when want_chars (which decodes
+    the text; without it the bytes are counted as they are, and the text is checked to be UTF-8 when encoded)."""
+    if not want_chars:
+        return _scan_bytes(path, progress)
     h, dec, n_bytes, n_chars = hashlib.sha256(), _decoder(), 0, 0
     seen_ascii = np.zeros(128, bool)
     other: set[str] = set()
@@ -136,6 +143,26 @@ def scan(path: str, want_chars: bool, progress: Progress | None = None) -> Scan:
     if want_chars:
         chars = "".join(sorted(other.union(chr(i) for i in np.flatnonzero(seen_ascii))))
     return Scan(h.hexdigest(), n_bytes, n_chars, chars)
+
+
+def _scan_bytes(path: str, progress: Progress | None) -> Scan:
+    """sha256 and the character count, undecoded: UTF-8's characters are its bytes other than continuation bytes
+    (10xxxxxx), less a leading byte-order mark and one for each \r\n (read as one \n). The hash runs on a thread
+    beside the count (both release the GIL)."""
+    h, n_bytes, n_chars, bom, crlf, last = hashlib.sha256(), 0, 0, False, 0, b""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, documents.open_binary(path) as f:
+        for chunk in iter(lambda: f.read(4 * READ_BYTES), b""):
+            hashed = pool.submit(h.update, chunk)
+            a = np.frombuffer(chunk, np.uint8)
+            n_chars += len(a) - int(np.count_nonzero((a & 0xC0) == 0x80))
+            crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
+            bom = bom or (n_bytes == 0 and chunk.startswith(b"\xef\xbb\xbf"))
+            n_bytes += len(chunk)
+            last = chunk[-1:]
+            hashed.result()
+            if progress:
+                progress.update(n_bytes)
+    return Scan(h.hexdigest(), n_bytes, n_chars - bom - crlf)
 
 
 def fingerprint(path: str) -> str:
@@ -268,7 +295,11 @@ _worker_tok = None  # in an encoder process: its tokenizer
 
 def _start_worker(tokenizer_json: dict) -> None:
     global _worker_tok
+    import signal
+
     from gptjax import tokenizers
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one line, not a traceback each
 
     _worker_tok = tokenizers.from_json(tokenizer_json)
 
@@ -284,7 +315,7 @@ def encode_blocks(blocks: typing.Iterable[tuple[int, typing.Any]], tok, dtype: s
 
     Processes, not threads: tiktoken keeps part of its work under the GIL, and threads scaled worse than processes
     (experiments/results/data_scale.md measures both). Spawned, not forked: the parent may hold jax's threads."""
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if workers == 1:
         for part, payload in blocks:
             yield part, encode_payload(tok, payload, dtype)

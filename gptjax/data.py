@@ -150,12 +150,9 @@ def _cache_name(config: DataConfig, spec: str, scan: corpora.Scan, docs: bool) -
 
 def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prepared:
     """The corpus tokenized into train/val token files, streamed; the cache reused when corpus, tokenizer and split
-    match. The corpus is found without reading it (its fingerprint, then the index of its scans); one process
-    prepares it while others asking for it wait. `tok`: tokenize with it instead (an experiment's control, e.g. a
-    tokenizer fitted on the whole corpus), replacing what is there.
-
-    One text file is one document, split by characters; a corpus of documents (documents.is_documents) is split by
-    document, each followed by the tokenizer's end-of-text token."""
+    match, found without reading the corpus (its fingerprint, then the index of scans); one process prepares it
+    while others wait. `tok`: tokenize with it instead (an experiment's control), replacing what is there. One text
+    file is split by characters; documents (documents.is_documents) by document, each followed by end-of-text."""
     path = corpus_path(config)
     spec = _spec(config)
     check_range("val_fraction", config.val_fraction)
@@ -164,11 +161,15 @@ def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prep
     paths = documents.files(path) if docs else [path]
     root = os.path.join(data_dir(config), "prepared")
     try:
-        os.makedirs(os.path.join(root, "index"), exist_ok=True)
         fp = documents.fingerprint(paths) if docs else corpora.fingerprint(path)
     except OSError as e:
-        raise UserError(f"cannot prepare {path} in {root}: {e.strerror}") from None
-    with writes.locked(os.path.join(root, "index", f"{fp}.lock"), f"another process is preparing {path}; waiting"):
+        raise UserError(f"cannot read {e.filename or path}: {e.strerror}") from None
+    try:
+        os.makedirs(os.path.join(root, "index"), exist_ok=True)
+    except OSError:
+        pass  # a read-only data directory still serves the caches already in it
+    with writes.locked(os.path.join(root, "index", f"{fp}.lock"), f"another process is preparing {path}; waiting",
+                       optional=True):
         scan = _scan(root, fp, path, paths, need_chars=spec == "char" and tok is None and not docs)
         out = os.path.join(root, _cache_name(config, spec, scan, docs))
         if tok is None and os.path.lexists(out):
@@ -205,7 +206,10 @@ def _scan(root: str, fp: str, path: str, paths: list[str], need_chars: bool) -> 
     else:
         scan = corpora.scan(path, need_chars, progress)
         _check_length(path, scan.n_chars)
-    writes.atomic_write(index, json.dumps(dataclasses.asdict(scan)))
+    try:
+        writes.atomic_write(index, json.dumps(dataclasses.asdict(scan)))
+    except OSError:
+        pass  # a read-only data directory: the next run scans again
     return scan
 
 
@@ -331,8 +335,12 @@ def _write(config: DataConfig, out: str, path: str, spec: str, scan: corpora.Sca
     cache is ever under the cache's name. meta_of(token counts) checks the result and gives the meta's own keys."""
     dtype = np.dtype("uint16" if tok.vocab_size <= 1 << 16 else "uint32")
     root = os.path.dirname(out)
-    writes.remove_abandoned(root, f".tmp-{os.path.basename(out)}-")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-{os.getpid()}-", dir=root)
+    try:
+        writes.remove_abandoned(root, f".tmp-{os.path.basename(out)}-")
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-{writes.writer_tag()}-", dir=root)
+    except OSError as e:
+        raise UserError(f"cannot write the prepared cache in {root} ({e.strerror}): point --data_dir (or "
+                        "$GPTJAX_DATA_DIR) at a writable directory") from None
     try:
         counts = [0, 0]
         progress = corpora.Progress(f"tokenizing {os.path.basename(path.rstrip(os.sep))}", scan.n_bytes)
@@ -356,9 +364,11 @@ def _write(config: DataConfig, out: str, path: str, spec: str, scan: corpora.Sca
             json.dump(meta, f, indent=1)
         try:
             os.rename(tmp, out)
-        except OSError:  # another process prepared it first
-            shutil.rmtree(tmp)
-            with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(out) or cache_problem(out) is not None:
+                raise UserError(f"cannot move the prepared cache into {out} ({e.strerror})") from None
+            with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:  # another process prepared it first
                 meta = json.load(f)
         return Prepared(out, meta)
     except BaseException:

@@ -1,7 +1,9 @@
-"""Corpora of documents: a directory or glob of files, JSON Lines (`--text_field`), Parquet, any of them compressed
-(.gz, .zst); read one document at a time, identified without reading them all, split into train and val by document.
+"""Corpora of documents: a directory or glob of files, JSON Lines (`--text_field`), Parquet, Arrow (a Hugging Face
+dataset saved to disk, or the .arrow files of its cache), any of them compressed (.gz, .zst); read one document at a
+time, identified without reading them all, split into train and val by document.
 
-A text file among them is one document; a `.jsonl` / `.ndjson` file holds one per line, a `.parquet` file one per row.
+A text file among them is one document; a `.jsonl` / `.ndjson` file holds one per line, a `.parquet` or `.arrow`
+file one per row.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import typing
 
 from gptjax.errors import UserError
 
-DOC_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
+DOC_SUFFIXES = (".jsonl", ".ndjson", ".parquet", ".arrow")
 COMPRESSIONS = (".gz", ".zst")
 EDGE_BYTES = 1 << 12  # the head and tail of each file that its fingerprint reads
 
@@ -31,29 +33,56 @@ def _base(path: str) -> str:
 
 
 def is_documents(input: str) -> bool:
-    """The input is a corpus of documents (a directory, a glob, a JSON Lines or Parquet file), not one text."""
+    """The input is a corpus of documents (a directory, a glob, a JSON Lines, Parquet or Arrow file), not one text.
+    An existing file is never a glob, whatever its name holds ([, *, ?)."""
+    if os.path.isfile(input):
+        return _base(input).endswith(DOC_SUFFIXES)
     return os.path.isdir(input) or glob.has_magic(input) or _base(input).endswith(DOC_SUFFIXES)
 
 
 def files(input: str) -> list[str]:
     """The files of a corpus of documents in their order: a directory's files under it (hidden ones skipped) or a
     glob's matches, sorted by path; or the one file."""
+    if os.path.isdir(input) and os.path.isfile(os.path.join(input, "dataset_dict.json")):
+        return files(os.path.join(input, "train"))  # datasets' DatasetDict.save_to_disk: its train split
+    if os.path.isdir(input) and os.path.isfile(os.path.join(input, "state.json")):
+        return _saved_dataset(input)
+    if os.path.isfile(input):
+        return [input]
     if os.path.isdir(input):
         found = []
-        for root, dirs, names in os.walk(input):
+
+        def unreadable(e: OSError):
+            raise UserError(f"--input={input}: cannot read {e.filename} ({e.strerror}): fix its permissions, or give "
+                            "a glob that leaves it out")
+
+        for root, dirs, names in os.walk(input, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found += [os.path.join(root, n) for n in names if not n.startswith(".")]
         found = sorted(found, key=lambda p: os.path.relpath(p, input))
     elif glob.has_magic(input):
         found = sorted(p for p in glob.glob(input, recursive=True) if os.path.isfile(p))
     else:
-        if not os.path.isfile(input):
-            raise UserError(f"--input={input}: no such file")
-        found = [input]
+        raise UserError(f"--input={input}: no such file")
     if not found:
         raise UserError(f"--input={input}: no files there; give a text file, a directory or glob of files, or a "
                         ".jsonl / .parquet file")
     return found
+
+
+def _saved_dataset(d: str) -> list[str]:
+    """The Arrow files of a Hugging Face dataset saved with Dataset.save_to_disk, in order (its state.json)."""
+    try:
+        with open(os.path.join(d, "state.json"), encoding="utf-8") as f:
+            names = [e["filename"] for e in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{d}/state.json is not a saved dataset's state ({type(e).__name__}): pass the .arrow files "
+                        "as a glob instead") from None
+    paths = [os.path.join(d, n) for n in names]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise UserError(f"{d}: the saved dataset's {missing[0] if missing else 'data files'} are missing")
+    return paths
 
 
 def open_binary(path: str) -> typing.BinaryIO:
@@ -102,22 +131,40 @@ def _not_utf8(path: str, where: str) -> UserError:
     return UserError(f"{path}{where} is not UTF-8 text: convert it, e.g. iconv -f LATIN1 -t UTF-8")
 
 
+def _read_errors() -> tuple[type, ...]:
+    """What reading a damaged file raises: the OS's and gzip's errors, zstd's and Arrow's when they are installed."""
+    errors: list[type] = [OSError, EOFError]
+    for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def read(paths: list[str], text_field: str = "text", progress=None) -> typing.Iterator[str]:
-    """Every document of the files, in order; bytes done reported to progress after each file."""
-    done = 0
+    """Every document of the files, in order; bytes done reported to progress after each file. A text file is read
+    as open() reads it in text mode (\r\n and \r as \n), and whole: a document is held in memory at once."""
+    done, errors = 0, _read_errors()
     for path in paths:
         base = _base(path)
-        if base.endswith((".jsonl", ".ndjson")):
-            yield from _json_lines(path, text_field)
-        elif base.endswith(".parquet"):
-            yield from _parquet(path, text_field)
-        else:
-            with open_binary(path) as f:
-                raw = f.read()
-            try:
-                yield raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                raise _not_utf8(path, "") from None
+        try:
+            if base.endswith((".jsonl", ".ndjson")):
+                yield from _json_lines(path, text_field)
+            elif base.endswith(".parquet"):
+                yield from _parquet(path, text_field)
+            elif base.endswith(".arrow"):
+                yield from _arrow(path, text_field)
+            else:
+                with open_binary(path) as f:
+                    raw = f.read()
+                try:
+                    yield raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+                except UnicodeDecodeError:
+                    raise _not_utf8(path, "") from None
+        except errors as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:160]}): is it damaged or cut "
+                            "short?") from None
         done += os.path.getsize(path)
         if progress:
             progress.update(done)
@@ -153,13 +200,41 @@ def _parquet(path: str, field: str) -> typing.Iterator[str]:
         raise UserError(f"{path} is Parquet: pip install pyarrow (or gptjax's data extra)") from None
     with open_binary(path) as f:
         pf = pq.ParquetFile(f)
-        if field not in pf.schema_arrow.names:
-            raise UserError(f"{path} has no column {field!r} (it has: {', '.join(pf.schema_arrow.names[:8])}): pass "
-                            "--text_field=NAME")
+        _check_column(path, pf.schema_arrow, field)
         for batch in pf.iter_batches(batch_size=1024, columns=[field]):
             for text in batch.column(0).to_pylist():
                 if text is not None:
                     yield text
+
+
+def _arrow(path: str, field: str) -> typing.Iterator[str]:
+    """The rows of an Arrow IPC stream (how the datasets library writes its files), a record batch at a time."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise UserError(f"{path} is Arrow: pip install pyarrow (or gptjax's data extra)") from None
+    with open_binary(path) as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            raise UserError(f"{path} is not an Arrow stream (as the datasets library writes)") from None
+        _check_column(path, reader.schema, field)
+        index = reader.schema.names.index(field)
+        for batch in reader:
+            for text in batch.column(index).to_pylist():
+                if text is not None:
+                    yield text
+
+
+def _check_column(path: str, schema, field: str) -> None:
+    import pyarrow as pa
+
+    if field not in schema.names:
+        raise UserError(f"{path} has no column {field!r} (it has: {', '.join(schema.names[:8])}): pass "
+                        "--text_field=NAME")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}'s column {field!r} holds {kind}, not text: pass --text_field=NAME of a string column")
 
 
 def in_val(index: int, val_fraction: float, seed: int) -> bool:

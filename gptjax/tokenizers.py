@@ -77,7 +77,11 @@ class TiktokenTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """encode(text) as a uint32 array, without a Python list in between (special tokens' text is ordinary
         text here too)."""
-        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        try:
+            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        except UnicodeEncodeError:  # a lone surrogate (JSON may spell one): replaced, as encode_ordinary does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

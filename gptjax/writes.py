@@ -66,13 +66,20 @@ def probe(d: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: str, waiting: str):
+def locked(path: str, waiting: str, optional: bool = False):
     """Hold an exclusive lock on the file at path (made if missing) for the block; when another process holds it,
-    print `waiting` to stderr once and wait. The lock goes with the process, however it ends."""
+    print `waiting` to stderr once and wait. The lock goes with the process, however it ends. optional: where the
+    lock file cannot be made (a read-only directory, which nobody can write into either), go on without it."""
     import fcntl
     import sys
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError:
+        if not optional:
+            raise
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,15 +91,27 @@ def locked(path: str, waiting: str):
         os.close(fd)
 
 
-def remove_abandoned(root: str, prefix: str) -> None:
-    """Remove the entries of root named PREFIX<pid>-... whose process is gone: what a killed writer left."""
-    import shutil
+def writer_tag() -> str:
+    """PID@HOST: who writes a temporary entry, for remove_abandoned."""
+    import socket
 
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def remove_abandoned(root: str, prefix: str) -> None:
+    """Remove the entries of root named PREFIX + writer_tag() + "-..." whose process is gone: what a killed writer
+    on this host left (a directory shared between hosts keeps the other hosts' entries: their pids mean nothing
+    here)."""
+    import shutil
+    import socket
+
+    host = socket.gethostname()
     for entry in os.listdir(root):
-        if not entry.startswith(prefix):
+        pid, _, rest = entry[len(prefix):].partition("@")
+        if not entry.startswith(prefix) or not rest.startswith(f"{host}-"):
             continue
         try:
-            os.kill(int(entry[len(prefix):].split("-")[0]), 0)
+            os.kill(int(pid), 0)
             continue  # still at work
         except ProcessLookupError:
             pass

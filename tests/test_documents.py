@@ -1,8 +1,10 @@
-"""Corpora of documents: every input kind gives the same tokens, each document followed by <|endoftext|>, val made of
-whole documents chosen by seed, long documents cut without changing a token, bad input named in one line."""
+"""Corpora of documents: every input kind (text files, JSON Lines, Parquet, a saved Hugging Face dataset) gives the
+same tokens, each document followed by <|endoftext|>; val made of whole documents chosen by seed; long documents cut
+without changing a token; bad input named in one line."""
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ EOT = 50256
 def docs(shakespeare_text):
     """40 documents: the play's speeches, of every length, and a few with multi-byte text and odd whitespace."""
     speeches = [s for s in shakespeare_text.split("\n\n") if s][:37]
-    return speeches + ["héllo wörld 😀\r\n\r\n  tail  ", "日本語のテキスト", "x" * 5000]
+    return speeches + ["héllo wörld 😀\n\n  tail  ", "日本語のテキスト", "x" * 5000]
 
 
 def _reference(docs, val_fraction, seed=2357):
@@ -48,6 +50,22 @@ def _write_inputs(root, docs):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"text": docs}), root / "c.parquet", row_group_size=7)
     inputs["parquet"] = str(root / "c.parquet")
+    # a Hugging Face dataset as Dataset.save_to_disk writes it: Arrow streams named in state.json, beside its info
+    saved = root / "saved"
+    saved.mkdir()
+    table = pa.table({"id": list(range(len(docs))), "text": docs})
+    for i, (lo, hi) in enumerate([(0, 15), (15, len(docs))]):
+        with pa.ipc.new_stream(saved / f"data-{i:05d}-of-00002.arrow", table.schema) as w:
+            for start in range(lo, hi, 4):  # several record batches per file
+                w.write_table(table.slice(start, min(4, hi - start)))
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": f"data-{i:05d}-of-00002.arrow"}
+                                                                  for i in range(2)], "_split": "train"}))
+    (saved / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    inputs["saved dataset"] = str(saved)
+    (root / "dict").mkdir()
+    (root / "dict" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    os.symlink(saved, root / "dict" / "train")
+    inputs["saved dataset dict"] = str(root / "dict")
     return inputs
 
 
@@ -129,3 +147,31 @@ def test_an_empty_directory_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no files there"):
         data.prepare(DataConfig(input=str(tmp_path / "empty"), tokenizer="gpt2", data_dir=str(tmp_path / "d")))
+
+
+def test_documents_text_as_each_format_holds_it(tmp_path):
+    """A text file's \r\n is read as \n (as one text file's is); a JSON string keeps its \r; a lone surrogate that
+    JSON can spell is replaced, as tiktoken's encode_ordinary replaces it."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    for i in range(30):
+        (d / f"{i:02d}.txt").write_bytes(f"line one\r\nline {i}\r\n".encode())
+    lines = "".join(json.dumps({"text": f"a\r\nb {i} \ud83d end"}) + "\n" for i in range(30))
+    (tmp_path / "c.jsonl").write_text(lines)
+    tok = tokenizers.gpt2()
+    for path, doc in ((d, "line one\nline {i}\n"), (tmp_path / "c.jsonl", "a\r\nb {i} \ud83d end")):
+        prep = data.prepare(DataConfig(input=str(path), tokenizer="gpt2", val_fraction=0.3, data_dir=str(tmp_path)))
+        want = {"train": [], "val": []}
+        for i in range(30):
+            want["val" if documents.in_val(i, 0.3, 2357) else "train"] += tok.encode(doc.format(i=i)) + [EOT]
+        assert {s: prep.tokens(s).tolist() for s in data.SPLITS} == want, path
+
+
+def test_damaged_and_odd_inputs_are_one_line(tmp_path):
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": list(range(10))}), tmp_path / "ints.parquet")
+    for name, says in (("cut.jsonl.gz", r"cut\.jsonl\.gz cannot be read \((EOFError|BadGzipFile|OSError)"),
+                       ("ints.parquet", r"ints\.parquet's column 'text' holds int64, not text")):
+        with pytest.raises(UserError, match=says):
+            data.prepare(DataConfig(input=str(tmp_path / name), tokenizer="gpt2", data_dir=str(tmp_path / "d")))

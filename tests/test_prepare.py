@@ -1,6 +1,7 @@
 """Streaming `prepare`: block cuts that change no token, the cache found without reading the corpus, one process at
 work while the others wait, an interrupted prepare that leaves nothing usable-looking, memory bounded."""
 
+import errno
 import fcntl
 import os
 import signal
@@ -20,7 +21,8 @@ from gptjax.errors import UserError
 AWKWARD = ("First Citizen:\r\nBefore we   proceed any further,\thear me speak.\r\n\r\n"
            "All:\n  Speak, speak.   \n\n\n  Don't— you'll see 1234 héllo wörld\u00a0naïve 😀😀 日本語のテキスト\n"
            "Ｆｕｌｌｗｉｄｔｈ\u2003em-space\u3000ideographic-space ...!!! ??\n"
-           + "x" * 300 + "\n \n\t\n  tail  words\u0085NEL ends\r\n")
+           + "x" * 300 + "\n \n\t\n  tail  words\u0085NEL ends\r\n"
+           "no-break\u00a0  space, em\u2003 space\u3000\tand a lone\rreturn\n")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +59,13 @@ def test_streamed_blocks_encode_to_the_whole_texts_tokens(read_bytes, toks, tmp_
     inside a run of spaces, next to a multi-byte character) and a leading byte-order mark: each part's blocks,
     encoded apart and joined, are the part's tokens."""
     monkeypatch.setattr(corpora, "READ_BYTES", read_bytes)
-    text = AWKWARD * 4
     path = tmp_path / "c.txt"
-    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
-    for bound in (1, text.index("\r\n") + 1, text.index("   ") + 2, text.index("😀") + 1, len(text) // 2,
-                  len(text) - 1):
+    path.write_bytes(b"\xef\xbb\xbf" + (AWKWARD * 4).encode())
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()  # as open() reads it, \r\n and \r as \n: the text the old whole-file prepare encoded
+    assert "\r" not in text
+    for bound in (1, text.index("\n\n") + 1, text.index("   ") + 2, text.index("😀") + 1, text.index("x" * 300) + 150,
+                  len(text) // 2, len(text) - 1):
         blocks = list(corpora.text_blocks(str(path), [bound], block_chars=37))
         assert len(blocks) > 10 and "".join(t for _, t in blocks) == text
         for name, tok in toks.items():
@@ -82,7 +86,7 @@ def test_a_block_without_a_safe_cut_is_cut_anyway_and_counted(tmp_path, monkeypa
 
 
 def test_prepare_in_small_blocks_gives_the_whole_texts_tokens(shakespeare, shakespeare_text, tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora, "BLOCK_CHARS", 4096)  # 270 blocks over the encoder's threads
+    monkeypatch.setattr(corpora, "BLOCK_CHARS", 4096)  # 270 blocks, encoded in this process
     prep = data.prepare(DataConfig(input=shakespeare, tokenizer="gpt2", data_dir=str(tmp_path)))
     tok, parts = prep.tokenizer(), data.split_text(shakespeare_text)
     for split in data.SPLITS:
@@ -123,8 +127,8 @@ def test_the_cache_is_found_without_reading_the_corpus_until_the_corpus_changes(
     assert second.dir != first.dir and second.meta["corpus_sha256"] == data.sha256(str(corpus))
 
 
-def test_a_stale_index_entry_is_not_trusted(tmp_path, shakespeare_text):
-    """An index entry naming another corpus' cache: the cache's meta disagrees, and it is prepared afresh."""
+def test_a_cache_whose_meta_names_another_corpus_is_prepared_again(tmp_path, shakespeare_text):
+    """The cache found by name, but its meta.json gives another corpus' sha256: not used, prepared afresh."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(shakespeare_text[:50_000])
     config = DataConfig(input=str(corpus), tokenizer="char", data_dir=str(tmp_path / "d"))
@@ -168,6 +172,7 @@ def test_an_interrupted_prepare_leaves_nothing_usable_looking(tmp_path, shakespe
     assert left and all(n.startswith(".tmp-") for n in left)  # the half-written files, under no cache's name
     config = DataConfig(input=str(corpus), tokenizer="char", data_dir=str(d))
     data.prepare(config)  # another tokenizer: the gpt2 debris is not this one's to remove
+    assert sorted(e.name for e in root.iterdir() if e.name.startswith(".")) == sorted(left)
     prep = data.prepare(DataConfig(input=str(corpus), tokenizer="gpt2", data_dir=str(d)))
     assert sorted(e.name for e in root.iterdir() if e.name.startswith(".")) == []  # the abandoned files removed
     assert data.cache_problem(prep.dir) is None and prep.meta["val_tokens"] > 0
@@ -219,3 +224,63 @@ def test_char_encode_array_is_encode(shakespeare_text):
     with pytest.raises(UserError, match=r"'\\U0010ffff' is not in"):
         tok.encode_array("ab\U0010ffff")
     assert np.asarray(tok.encode_array("ab")).dtype == np.uint32
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_the_undecoded_scan_counts_what_decoding_counts(bom, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "READ_BYTES", 3)  # chunks of 12 bytes: multi-byte characters across them
+    path = tmp_path / "c.txt"
+    path.write_bytes(bom + (AWKWARD * 3).encode())
+    fast, decoded = corpora.scan(str(path), False), corpora.scan(str(path), True)
+    assert (fast.sha256, fast.n_bytes, fast.n_chars) == (decoded.sha256, decoded.n_bytes, decoded.n_chars)
+    with open(path, encoding="utf-8-sig") as f:
+        assert fast.n_chars == len(f.read()) and fast.sha256 == data.sha256(str(path))
+
+
+def test_a_crlf_corpus_gives_the_tokens_of_reading_it_whole(tmp_path, shakespeare_text):
+    """\r\n and \r are read as \n, as open() in text mode reads them (and gptjax always has): the same tokens, the same
+    vocabulary and the same split as before streaming."""
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(shakespeare_text[:20_000].replace("\n", "\r\n").encode() + b"a lone\rreturn\r")
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    for spec in ("gpt2", "char"):  # each its own scan (gpt2's counts undecoded bytes), in a cache of its own
+        prep = data.prepare(DataConfig(input=str(path), tokenizer=spec, data_dir=str(tmp_path / spec)))
+        tok, parts = prep.tokenizer(), data.split_text(text)
+        assert {s: prep.tokens(s).tolist() for s in data.SPLITS} == {s: tok.encode(parts[s]) for s in data.SPLITS}
+        assert prep.meta["train_chars"] == len(parts["train"]) and "\r" not in tok.decode(prep.tokens("val").tolist())
+
+
+def test_a_file_named_like_a_glob_is_that_file(tmp_path, shakespeare_text):
+    path = tmp_path / "notes [v2]*.txt"
+    path.write_text(shakespeare_text[:5000])
+    prep = data.prepare(DataConfig(input=str(path), tokenizer="char", data_dir=str(tmp_path / "d")))
+    assert prep.meta["train_chars"] + prep.meta["val_chars"] == 5000
+
+
+def test_a_read_only_data_directory_serves_its_caches_and_names_the_fix(tmp_path, shakespeare_text, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(shakespeare_text[:20_000])
+    d = tmp_path / "d"
+    first = data.prepare(DataConfig(input=str(corpus), tokenizer="char", data_dir=str(d)))
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refused(path):  # the data directory as a read-only mount refuses whatever would write in it
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def read_only_open(path, flags, *a, **k):
+        if str(path).startswith(str(d)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise refused(path)
+        return real_open(path, flags, *a, **k)
+
+    def read_only_mkdir(path, *a, **k):
+        if str(path).startswith(str(d)):
+            raise refused(path)
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    assert data.prepare(DataConfig(input=str(corpus), tokenizer="char", data_dir=str(d))) == first
+    with pytest.raises(UserError, match=r"cannot write the prepared cache in .*Read-only file system.*: point "
+                                        r"--data_dir"):
+        data.prepare(DataConfig(input=str(corpus), tokenizer="gpt2", data_dir=str(d)))
