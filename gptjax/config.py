@@ -316,16 +316,15 @@ INT_MAX = 2**31 - 1  # steps and sizes live in int32 on the device
 RANGES = {
     "vocab_size": (0, INT_MAX, False, False), "block_size": (1, INT_MAX, False, False),
     "val_fraction": (0.0, 1.0, True, True), "bpe_sample_bytes": (1, None, False, False),
-    "split_seed": (0, 2**63 - 1, False, False),
-    "n_layer": (1, INT_MAX, False, False), "n_head": (1, INT_MAX, False, False), "n_embd": (1, INT_MAX, False, False),
-    "dropout": (0.0, 1.0, False, True),
+    "split_seed": (0, 2**63 - 1, False, False), "n_layer": (1, INT_MAX, False, False),
+    "n_head": (1, INT_MAX, False, False), "n_embd": (1, INT_MAX, False, False), "dropout": (0.0, 1.0, False, True),
     "seed": (0, 2**32 - 1, False, False), "batch_size": (1, INT_MAX, False, False),
     "gradient_accumulation_steps": (1, INT_MAX, False, False), "max_iters": (0, INT_MAX, False, False),
     "eval_interval": (1, INT_MAX, False, False), "eval_iters": (1, INT_MAX, False, False),
     "log_interval": (1, INT_MAX, False, False), "learning_rate": (0.0, None, True, False),
     "warmup_iters": (0, INT_MAX, False, False), "lr_decay_iters": (0, INT_MAX, False, False),
-    "min_lr": (0.0, None, False, False), "weight_decay": (0.0, None, False, False),
-    "beta1": (0.0, 1.0, False, True), "beta2": (0.0, 1.0, False, True), "grad_clip": (0.0, None, False, False),
+    "min_lr": (0.0, None, False, False), "weight_decay": (0.0, None, False, False), "beta1": (0.0, 1.0, False, True),
+    "beta2": (0.0, 1.0, False, True), "grad_clip": (0.0, None, False, False),
     "keep_checkpoints": (1, INT_MAX, False, False),
     # sample
     "num_samples": (1, INT_MAX, False, False),
@@ -393,14 +392,3 @@ def validate(config: Config) -> None:
     if d.tokenizer and not (d.tokenizer in ("char", "gpt2") or d.tokenizer.startswith("bpe:")):
         raise UserError(f"--tokenizer={d.tokenizer}: use char, gpt2 or bpe:N")
 
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How `gptjax sample` draws text: sample.sample's keyword defaults, and their help."""
-    num_samples: int = 1  # texts to generate
-    max_new_tokens: int = 500  # tokens generated after the prompt
-    temperature: float = 0.8  # logits are divided by T (tiny values sample greedily)
-    top_k: int = 200  # keep the K most likely tokens; 0: all
-    top_p: float = 1.0  # keep the fewest most likely tokens whose probability reaches P; 1: all
-    seed: int = 1337  # the same seed gives the same text
-    kv_cache: bool = True  # cache keys and values (the same tokens, faster)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from gptjax.args import Option, from_fields, help_lines, help_text, parse
-from gptjax.config import PRESETS, SampleConfig
+from gptjax.config import PRESETS
 from gptjax.errors import UserError
 from gptjax.weights import FORMATS
 
@@ -49,9 +51,21 @@ SUMMARY = {
 CONFIG_OPTION = {"config": Option("NAME|FILE.py", DEFAULT_CONFIG, "a preset (bigram, lecture, shakespeare_char, "
                                                                   "shakespeare_char_cpu, gpt2, tiny) or a config file")}
 CHECKPOINT = Option("best|latest|STEP", "best", "which checkpoint")
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """How `gptjax sample` draws text: sample.sample's keyword defaults, and their help."""
+    num_samples: int = 1  # texts to generate
+    max_new_tokens: int = 500  # tokens generated after the prompt
+    temperature: float = 0.8  # logits are divided by T (tiny values sample greedily)
+    top_k: int = 200  # keep the K most likely tokens; 0: all
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probability reaches P; 1: all
+    seed: int = 1337  # the same seed gives the same text
+    kv_cache: bool = True  # cache keys and values (the same tokens, faster)
+
+
 SAMPLE = from_fields(SampleConfig, {"num_samples": "N", "max_new_tokens": "N", "temperature": "T", "top_k": "K",
                                     "top_p": "P", "seed": "S", "kv_cache": "true|false"})
-# Each command's own options, by name. The commands take their defaults from here (sample's from config.SampleConfig,
+# Each command's own options, by name. The commands take their defaults from here (sample's from SampleConfig,
 # which sample.sample's signature reads too), so --help and the code never disagree; ranges come from config.RANGES.
 OPTIONS = {
     "prepare": CONFIG_OPTION,

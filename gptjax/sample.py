@@ -12,8 +12,9 @@ import numpy as np
 from flax import nnx
 
 from gptjax import model, rundir, tokenizers
-from gptjax.config import SampleConfig, check_range
+from gptjax.config import check_range
 from gptjax.errors import UserError
+from gptjax.options import SampleConfig
 
 _D = SampleConfig()  # the defaults, which `gptjax sample --help` shows
 
