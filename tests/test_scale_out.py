@@ -79,8 +79,9 @@ def _drive(devices: int, runs: dict, env: dict) -> dict:
     return json.loads(line[len("RESULTS "):]) | {"_stderr": r.stderr, "_stdout": r.stdout}
 
 
-def _env() -> dict:
-    return {**os.environ, "GPTJAX_CACHE_DIR": "off", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+def _env(cache: str = "off") -> dict:
+    """The drivers' environment: this checkout first, and the compilation cache `cache` (off unless given)."""
+    return {**os.environ, "GPTJAX_CACHE_DIR": cache, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
 
 
 def _metrics(out: str) -> list[dict]:
@@ -111,11 +112,12 @@ def runs(tmp_path_factory, shakespeare):
     for name, (extra, _) in MESH_ERRORS.items():  # the mistakes that need several devices to make
         eight[name] = base + [f"--out_dir={root / name}", *extra]
     eight["eval_on_mesh"] = ["eval", f"--out_dir={root / 'dp8'}", "--mesh=dp:2,fsdp:4", "--batch_size=16"]
-    eight = _drive(8, eight, _env())
+    cache = str(root / "xla-cache")  # the runs' programs that recur (initialisation, estimates) compiled once
+    eight = _drive(8, eight, _env(cache))
     one = _drive(1, {"one": base + [f"--out_dir={root / 'one'}"],
                      "resumed_on_1": ["train", "--init_from=resume", f"--out_dir={root / 'resumed_on_1'}",
                                       "--max_iters=20", "--mesh="],  # the saved mesh needs 8 devices
-                     "eval": ["eval", f"--out_dir={root / 'dp8'}", "--batch_size=16"]}, _env())
+                     "eval": ["eval", f"--out_dir={root / 'dp8'}", "--batch_size=16"]}, _env(cache))
     evals = [re.findall(r"^val: loss .*$|^\(batches of .*$", d["_stdout"], re.M) for d in (eight, one)]
     return root, {**eight, **one, "eight_stdout": eight["_stdout"], "evals": evals}
 
