@@ -35,14 +35,15 @@ def settings(opts: research.Options) -> dict:
                      dict(sizes="2", old_max_mb=2, raw_mb=1))
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of pid and its descendants now (0 once gone)."""
+def _tree_rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes of pid and its descendants now (0 once gone); field RssAnon: anonymous memory only, without
+    the pages of mapped files (which the kernel may drop at will)."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
             with open(f"/proc/{p}/task/{p}/children") as f:
                 stack += [int(c) for c in f.read().split()]
         except (OSError, StopIteration, ValueError):
@@ -51,15 +52,17 @@ def _tree_rss(pid: int) -> int:
 
 
 def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> dict:
-    """Run cmd: wall seconds, CPU seconds (it and its children), peak summed RSS of its process tree, its output."""
+    """Run cmd: wall seconds, CPU seconds (it and its children), peak summed RSS (and anonymous RSS) of its process
+    tree, its output."""
     before = os.times()
     tick = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, done = [0], threading.Event()
+    peak, anon, done = [0], [0], threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], _tree_rss(proc.pid))
+            anon[0] = max(anon[0], _tree_rss(proc.pid, "RssAnon"))
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -70,7 +73,8 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
     sampler.join()
     after = os.times()
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return {"code": proc.returncode, "wall": wall, "cpu": cpu, "peak_rss": peak[0], "out": out, "err": err}
+    return {"code": proc.returncode, "wall": wall, "cpu": cpu, "peak_rss": peak[0], "peak_anon": anon[0], "out": out,
+            "err": err}
 
 
 def make_corpus(work: str, shakespeare_text: str, mb: int, kind: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
@@ -45,6 +46,29 @@ def eval_batches(tokens, t: TrainConfig, block_size: int, split: str, eval_index
     if layout is None:
         return data.windows(tokens, starts, block_size)
     return layout.batch(starts.shape + (block_size,), lambda lo, hi: data.windows(tokens, starts[:, lo:hi], block_size))
+
+
+class TokenReader:
+    """A token file read by pread, a slice at a time: unlike a memmap, the pages read never count in the process's
+    resident memory, which stays that of one batch however long the split."""
+
+    def __init__(self, path: str, dtype: str):
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.n = os.fstat(self.fd).st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        start, stop, step = i.indices(self.n) if isinstance(i, slice) else (i % self.n, i % self.n + 1, 1)
+        assert step == 1, "a TokenReader reads consecutive tokens"
+        size = max(stop - start, 0) * self.dtype.itemsize
+        out = np.frombuffer(os.pread(self.fd, size, start * self.dtype.itemsize), self.dtype)
+        return out if isinstance(i, slice) else out[0]
+
+    def __del__(self):
+        os.close(self.fd)
 
 
 def exact_loss(graphdef, params, tokens: np.ndarray, block_size: int, batch_size: int,
@@ -161,7 +185,7 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     if not input_path:
         rundir.check_corpus(out_dir, prep)
     rundir.check_tokenizer(out_dir, prep)
-    tokens = prep.tokens(split)
+    tokens = TokenReader(os.path.join(prep.dir, f"{split}.bin"), prep.meta["dtype"])
     m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
     n = jax.device_count()  # more rows than windows would be padding: cap it, still dividing over the devices
     batch_size = min(batch_size or config.train.batch_size, -(-windows // n) * n)

@@ -10,7 +10,7 @@ from conftest import ROOT
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 # The research scripts with a results page (custom_model.py is the README's example and writes none).
 SCRIPTS = ["attention_trick", "attention_lookup", "tokenizers", "lecture_ladder", "scaling", "reproduce",
-           "frameworks", "scaling_out"]
+           "frameworks", "scaling_out", "data_scale"]
 
 
 def _run(script, argv, monkeypatch, tmp_path):

@@ -233,6 +233,18 @@ def test_exact_eval_covers_every_token():
     assert exact_loss(graphdef, params, OneBatchAtATime(), 8, batch_size=3) == (total, n)
 
 
+def test_the_token_reader_eval_uses_reads_what_the_memmap_holds(tmp_path):
+    from gptjax.evaluate import TokenReader
+
+    tokens = np.random.default_rng(1).integers(0, 65_000, 1001).astype(np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    reader, mm = TokenReader(str(tmp_path / "t.bin"), "uint16"), np.memmap(tmp_path / "t.bin", np.uint16, mode="r")
+    assert len(reader) == len(mm) == 1001
+    for sl in (slice(0, 10), slice(990, 1001), slice(995, 2000), slice(None, None), slice(1001, 1001)):
+        assert reader[sl].tolist() == mm[sl].tolist(), sl
+    assert (reader[0], reader[-1], reader[500]) == (mm[0], mm[-1], mm[500])
+
+
 
 def test_the_whole_loop_compiles_the_step_once(tiny_config, tmp_path):
     with compile_log() as records:  # evals at 0, 10, 20, 30 with new bests between: shardings must stay put
