@@ -3,7 +3,7 @@ val and the train split of a corpus of about --mb MB (tiny Shakespeare repeated,
 peak resident memory of the eval process, against the split's size.
 
     python experiments/eval_memory.py --input=../shared/data/tinyshakespeare/input.txt [--quick | --smoke]
-        [--mb=1100] [--batch_size=4096] [--work=DIR]
+        [--mb=560] [--batch_size=4096] [--work=DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gptjax import data, research
 
 def run(argv: list[str]) -> None:
     opts = research.options(argv, "eval_memory", seeds=1, extra={"mb": 0, "batch_size": 4096, "work": ""})
-    mb = opts.extra["mb"] or opts.pick(1100, 110, 2)
+    mb = opts.extra["mb"] or opts.pick(560, 110, 2)  # full: a train split of about 1 GB of uint16 tokens
     text = data.read_text(data.corpus_path(research.make_config(opts, "tiny").data))
     page = research.Page(opts, "Exact evaluation in memory bounded by its batch")
     work = tempfile.mkdtemp(prefix="gptjax-eval-memory-", dir=opts.extra["work"] or None)
