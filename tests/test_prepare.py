@@ -208,11 +208,12 @@ def test_prepare_memory_stays_bounded_on_a_large_corpus(tmp_path, shakespeare_te
     assert peak_mb < 400, f"prepare peaked at {peak_mb:.0f} MB for a {os.path.getsize(corpus) / 1e6:.0f} MB corpus"
 
 
-def test_a_corpus_that_is_not_utf8_is_one_line_naming_where(tmp_path):
+@pytest.mark.parametrize("spec", ["char", "gpt2"])  # found by the decoding scan, and by the encoding pass
+def test_a_corpus_that_is_not_utf8_is_one_line_naming_where(spec, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"hello world\n" * 1000 + b"caf\xe9\n")
     with pytest.raises(UserError, match=r"is not UTF-8 text \(an invalid byte near offset 12,003\)"):
-        data.prepare(DataConfig(input=str(corpus), data_dir=str(tmp_path / "d")))
+        data.prepare(DataConfig(input=str(corpus), tokenizer=spec, data_dir=str(tmp_path / "d")))
     assert not any(e.name != "index" for e in (tmp_path / "d" / "prepared").iterdir())
 
 
