@@ -178,6 +178,16 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def _limit(block_chars: int) -> int:
+    """How long a block may grow while no safe cut comes: past it, it is cut anyway."""
+    return max(4 * block_chars, MAX_BLOCK_CHARS)
+
+
+def _block_cut(text: str, block_chars: int, end: int) -> int:
+    """Where a block of text ends: the last safe cut within block_chars, else the first after it up to end; 0: none."""
+    return safe_cut(text, min(block_chars, end)) or next_safe_cut(text, block_chars, end)
+
+
 def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int | None = None,
                 progress: Progress | None = None, stats: dict | None = None) -> typing.Iterator[tuple[int, str]]:
     """(part, text) blocks of the file in order, about block_chars long (default BLOCK_CHARS): cut at safe_cut points
@@ -186,7 +196,7 @@ def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int |
     Encoding each part's blocks apart and joining them gives the tokens of encoding each part whole."""
     dec, pending, held, pos, part, done = _decoder(), [], 0, 0, 0, 0
     block_chars = block_chars or BLOCK_CHARS
-    limit = max(4 * block_chars, MAX_BLOCK_CHARS)
+    limit = _limit(block_chars)
     stats = stats if stats is not None else {}
     stats.setdefault("forced_cuts", 0)
     with documents.open_binary(path) as f:
@@ -218,7 +228,7 @@ def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int |
                     break  # read on
                 else:
                     hard = len(buf) if stop is None else min(stop, len(buf))  # no cut past the part's end
-                    cut = safe_cut(buf, min(block_chars, hard)) or next_safe_cut(buf, block_chars, min(limit, hard))
+                    cut = _block_cut(buf, block_chars, min(limit, hard))
                     if not cut:
                         if stop is not None and stop <= min(len(buf), limit):
                             cut = stop
@@ -237,10 +247,10 @@ def text_blocks(path: str, bounds: typing.Sequence[int] = (), block_chars: int |
 def pieces(text: str, block_chars: int | None = None, stats: dict | None = None) -> list[str]:
     """text in pieces of about block_chars (default BLOCK_CHARS), cut as text_blocks cuts a file."""
     block_chars = block_chars or BLOCK_CHARS
-    limit = max(4 * block_chars, MAX_BLOCK_CHARS)
+    limit = _limit(block_chars)
     out = []
     while len(text) > block_chars:
-        cut = safe_cut(text, block_chars) or next_safe_cut(text, block_chars, limit)
+        cut = _block_cut(text, block_chars, limit)
         if not cut:
             if len(text) <= limit:
                 break

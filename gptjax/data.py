@@ -170,7 +170,7 @@ def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prep
         pass  # a read-only data directory still serves the caches already in it
     with writes.locked(os.path.join(root, "index", f"{fp}.lock"), f"another process is preparing {path}; waiting",
                        optional=True):
-        scan = _scan(root, fp, path, paths, need_chars=spec == "char" and tok is None and not docs)
+        scan = _scan(root, fp, path, paths, docs, need_chars=spec == "char" and tok is None and not docs)
         out = os.path.join(root, _cache_name(config, spec, scan, docs))
         if tok is None and os.path.lexists(out):
             problem = cache_problem(out)
@@ -188,7 +188,7 @@ def prepare(config: DataConfig, tok: tokenizers.Tokenizer | None = None) -> Prep
         return _write_prepared(config, out, path, spec, scan, tok)
 
 
-def _scan(root: str, fp: str, path: str, paths: list[str], need_chars: bool) -> corpora.Scan:
+def _scan(root: str, fp: str, path: str, paths: list[str], docs: bool, need_chars: bool) -> corpora.Scan:
     """The corpus' scan from the index (by fingerprint), or read from the files once and indexed."""
     index = os.path.join(root, "index", f"{fp}.json")
     try:
@@ -200,7 +200,7 @@ def _scan(root: str, fp: str, path: str, paths: list[str], need_chars: bool) -> 
         pass
     total = sum(os.path.getsize(p) for p in paths)
     progress = corpora.Progress(f"reading {os.path.basename(path.rstrip(os.sep))}", total)
-    if documents.is_documents(path):
+    if docs:
         digest, n_bytes = documents.sha256(paths, path if os.path.isdir(path) else os.path.dirname(path), progress)
         scan = corpora.Scan(digest, n_bytes, 0)
     else:
