@@ -32,7 +32,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "shakespeare_char"  # corpus name: shakespeare_char | shakespeare | a label for --input
-    input: str = ""  # local text file; skips the download
+    input: str = ""  # a text file, or documents: a directory, glob, .jsonl, .parquet, hf:NAME (datasets' cache)
     tokenizer: str = ""  # char | gpt2 | bpe:N; empty: the dataset's own
     data_dir: str = ""  # download + prepared-token cache; empty: $GPTJAX_DATA_DIR or ~/.cache/gptjax
     val_fraction: float = 0.1  # held out for validation: the text's last fraction, or that fraction of documents

@@ -62,11 +62,12 @@ def _download_shakespeare(root: str) -> str:
 
 
 def corpus_path(config: DataConfig) -> str:
+    if config.input.startswith(documents.HF_PREFIX):
+        return documents.hf_dataset(config.input)
     if config.input:
         if documents.is_documents(config.input):
             documents.files(config.input)  # a UserError when there are none
-            return config.input
-        if not os.path.isfile(config.input):
+        elif not os.path.isfile(config.input):
             raise UserError(f"--input={config.input}: no such file")
         return config.input
     if config.dataset not in CORPORA:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import typing
 
 from gptjax.errors import UserError
@@ -47,6 +48,8 @@ def files(input: str) -> list[str]:
         return files(os.path.join(input, "train"))  # datasets' DatasetDict.save_to_disk: its train split
     if os.path.isdir(input) and os.path.isfile(os.path.join(input, "state.json")):
         return _saved_dataset(input)
+    if os.path.isdir(input) and os.path.isfile(os.path.join(input, "dataset_info.json")):
+        return _cached_split(input)
     if os.path.isfile(input):
         return [input]
     if os.path.isdir(input):
@@ -83,6 +86,54 @@ def _saved_dataset(d: str) -> list[str]:
     if missing or not paths:
         raise UserError(f"{d}: the saved dataset's {missing[0] if missing else 'data files'} are missing")
     return paths
+
+
+HF_PREFIX = "hf:"
+_SHARD = re.compile(r".+-train(?:-(\d{5})-of-(\d{5}))?\.arrow")
+
+
+def datasets_cache() -> str:
+    """The datasets library's cache: $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets
+    ($XDG_CACHE_HOME honoured), where load_dataset keeps the Arrow files it prepared."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return os.path.expanduser(os.environ["HF_DATASETS_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return os.path.join(os.path.expanduser(home), "datasets")
+
+
+def hf_dataset(input: str) -> str:
+    """--input=hf:NAME[:CONFIG] (NAME as load_dataset takes it, e.g. Skylion007/openwebtext): the directory of the
+    newest copy of it in the local datasets cache, whose train split is the corpus. Never the network."""
+    name, _, config = input[len(HF_PREFIX):].partition(":")
+    cache = datasets_cache()
+    roots = [os.path.join(cache, name.replace("/", "___")), os.path.join(cache, name.rsplit("/", 1)[-1])]
+    found = [d for root in dict.fromkeys(roots) if name
+             for d in glob.glob(os.path.join(glob.escape(root), glob.escape(config) if config else "*", "*", "*"))
+             if os.path.isfile(os.path.join(d, "dataset_info.json"))]
+    if not found:
+        raise UserError(f"--input={input}: {name or 'NAME'}{f' ({config})' if config else ''} is not in the datasets "
+                        f"cache {cache}: run datasets.load_dataset({name!r}) where there is network, or set "
+                        "HF_DATASETS_CACHE to the cache that has it")
+    configs = sorted({os.path.basename(os.path.dirname(os.path.dirname(d))) for d in found})
+    if len(configs) > 1:
+        raise UserError(f"--input={input}: the cache holds {name} in configurations {', '.join(configs)}: pass "
+                        f"--input=hf:{name}:{configs[0]} (or another)")
+    return max(found, key=os.path.getmtime)  # the newest version, as load_dataset picks offline
+
+
+def _cached_split(d: str) -> list[str]:
+    """The train split's Arrow files of a datasets cache directory (NAME-train.arrow, or its shards
+    NAME-train-00000-of-00004.arrow ...), in order, every shard there."""
+    names = sorted(n for n in os.listdir(d) if _SHARD.fullmatch(n))
+    if not names:
+        arrows = sorted(n for n in os.listdir(d) if n.endswith(".arrow"))
+        raise UserError(f"{d}: the cached dataset has no train split (its Arrow files: "
+                        f"{', '.join(arrows[:4]) or 'none'})")
+    total = _SHARD.fullmatch(names[0]).group(2)
+    if total is not None and len(names) != int(total):
+        raise UserError(f"{d}: {len(names)} of the train split's {int(total)} Arrow files are there: the download was "
+                        "cut short; run load_dataset again where there is network")
+    return [os.path.join(d, n) for n in names]
 
 
 def open_binary(path: str) -> typing.BinaryIO:

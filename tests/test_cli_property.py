@@ -111,7 +111,7 @@ def _known(test):
     return test
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=command_lines())
 @_known
 def test_random_command_lines_exit_0_or_2_and_change_nothing(workspace, monkeypatch, capsys, case):

@@ -66,10 +66,32 @@ def _write_inputs(root, docs):
     (root / "dict" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     os.symlink(saved, root / "dict" / "train")
     inputs["saved dataset dict"] = str(root / "dict")
+    inputs["datasets cache"] = _datasets_cache(root / "hf", docs, pa)
     return inputs
 
 
-def test_every_input_kind_gives_each_document_then_endoftext(docs, tmp_path):
+def _datasets_cache(cache, docs, pa, name="someone/corpus", configs=("default",)) -> str:
+    """`name` in a datasets cache as load_dataset leaves it: NAME-train-0000i-of-0000n.arrow shards and a test split
+    in the newest version's directory, an older version of other documents beside it; the --input that finds it."""
+    for config in configs:
+        for version, texts, age in (("1.0.0/old", ["stale"] * 5, 10**6), ("1.0.0/new", docs, 0)):
+            d = cache / name.replace("/", "___") / config / version
+            d.mkdir(parents=True)
+            (d / "dataset_info.json").write_text(json.dumps({"splits": {"train": {}, "test": {}}}))
+            base = name.rsplit("/", 1)[-1]
+            table = pa.table({"text": texts})
+            for i, (lo, hi) in enumerate([(0, 20), (20, len(texts))]):
+                with pa.ipc.new_stream(d / f"{base}-train-{i:05d}-of-00002.arrow", table.schema) as w:
+                    w.write_table(table.slice(lo, hi - lo))
+            with pa.ipc.new_stream(d / f"{base}-test.arrow", table.schema) as w:
+                w.write_table(pa.table({"text": ["a test document"]}))
+            os.utime(d, (os.path.getmtime(d) - age,) * 2)
+    os.environ["HF_DATASETS_CACHE"] = str(cache)  # the calling test's monkeypatch puts it back
+    return f"hf:{name}"
+
+
+def test_every_input_kind_gives_each_document_then_endoftext(docs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", "")
     want = _reference(docs, 0.2)
     assert want["train"] and want["val"]
     for kind, path in _write_inputs(tmp_path, docs).items():
@@ -175,3 +197,19 @@ def test_damaged_and_odd_inputs_are_one_line(tmp_path):
                        ("ints.parquet", r"ints\.parquet's column 'text' holds int64, not text")):
         with pytest.raises(UserError, match=says):
             data.prepare(DataConfig(input=str(tmp_path / name), tokenizer="gpt2", data_dir=str(tmp_path / "d")))
+
+
+def test_the_datasets_cache_is_found_by_name_and_its_mistakes_are_one_line(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    monkeypatch.setenv("HF_DATASETS_CACHE", "")
+    given = _datasets_cache(tmp_path / "two", ["a doc"] * 30, pa, configs=("en", "fr"))
+    with pytest.raises(UserError, match="configurations en, fr: pass --input=hf:someone/corpus:en"):
+        data.prepare(DataConfig(input=given, tokenizer="gpt2", data_dir=str(tmp_path / "d")))
+    prep = data.prepare(DataConfig(input=given + ":fr", tokenizer="gpt2", val_fraction=0.2, data_dir=str(tmp_path)))
+    assert prep.meta["train_documents"] + prep.meta["val_documents"] == 30
+    with pytest.raises(UserError, match=r"someone/nothing is not in the datasets cache .*two: run datasets\.load_"):
+        data.prepare(DataConfig(input="hf:someone/nothing", tokenizer="gpt2", data_dir=str(tmp_path / "d")))
+    newest = tmp_path / "two" / "someone___corpus" / "en" / "1.0.0" / "new"
+    (newest / "corpus-train-00001-of-00002.arrow").unlink()
+    with pytest.raises(UserError, match="1 of the train split's 2 Arrow files are there"):
+        data.prepare(DataConfig(input=given + ":en", tokenizer="gpt2", data_dir=str(tmp_path / "d")))

@@ -26,18 +26,18 @@ def _latest_params(out):
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, shakespeare):
-    """SIGKILL at >= 10 moments (inside checkpoint saves, mid-training, during start-up and restore), resumed each
+    """SIGKILL at >= 7 moments (inside checkpoint saves, mid-training, during start-up and restore), resumed each
     time with the plain `--init_from=resume --out_dir=DIR`: the metrics and final weights equal the straight run's."""
     args = _tiny(shakespeare, "--max_iters=300", "--eval_interval=5", "--dropout=0.1", "--keep_checkpoints=2")
     straight = tmp_path / "straight"
     r = run_cli("train", *args, f"--out_dir={straight}")
     assert r.returncode == 0, r.stderr[-2000:]
     crashed = tmp_path / "crashed"
-    log = crash_and_resume(args, str(crashed), kills=10, seed=1)
+    log = crash_and_resume(args, str(crashed), kills=7, seed=1)
     killed = [rec for rec in log if rec["killed"]]
-    assert len(killed) >= 10
-    assert sum(rec["inside_save"] for rec in killed) >= 3, log  # a save's .tmp_ directory outlived the process
-    assert len({rec["from_step"] for rec in log}) >= 5, log  # resumed from many checkpoints, not over from step 0
+    assert len(killed) >= 7
+    assert sum(rec["inside_save"] for rec in killed) >= 2, log  # a save's .tmp_ directory outlived the process
+    assert len({rec["from_step"] for rec in log}) >= 4, log  # resumed from many checkpoints, not over from step 0
     assert metrics(str(crashed)) == metrics(str(straight))
     for a, b in zip(_latest_params(crashed), _latest_params(straight)):
         np.testing.assert_array_equal(a, b)
