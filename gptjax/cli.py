@@ -65,6 +65,14 @@ def cmd_train(opts, pos):
         print(f"resume: {config.train.out_dir}'s saved settings" + (f" (--config={preset} is not applied)"
               if preset != DEFAULT_CONFIG else "") + ("; changed: " + ", ".join(changes) if changes else ""))
     else:
+        from gptjax.weights import hf
+
+        if hf.is_pretrained(opts.get("init_from", "scratch")):
+            fixed = [k for k in hf.FROM_FILE if k in opts]
+            if fixed:
+                raise UserError(f"--{fixed[0]}: the model comes from --init_from={opts['init_from']}'s config.json; "
+                                f"drop --{fixed[0]} (--dropout and a smaller --block_size may be set)")
+            opts.setdefault("vocab_size", 0)  # the file's vocabulary, padded only when --vocab_size asks
         config = _config(opts)
     summary = train.train(config, force=force, progress=True)
     if multihost:  # restoring a checkpoint is collective under jax.distributed: sample from one process later
@@ -82,7 +90,7 @@ def cmd_sample(opts, pos):
 
     _only(opts, "sample")
     kw = {k: _opt(opts, "sample", k) for k in ("start", "num_samples", "max_new_tokens", "temperature", "top_k",
-                                               "seed", "top_p", "kv_cache")}
+                                               "seed", "top_p", "kv_cache", "init_from")}
     texts = sample.sample(_opt(opts, "sample", "out_dir"), checkpoint=_checkpoint(opts),
                           dtype=_choice(opts, "sample", "dtype"), attention=_choice(opts, "sample", "attention"), **kw)
     for text in texts:
@@ -119,7 +127,8 @@ def cmd_eval(opts, pos):
         raise UserError(f"--split={split}: use train or val")
     dtype = _choice(opts, "eval", "dtype")
     r = evaluate.evaluate(out_dir, split, _opt(opts, "eval", "batch_size"), _opt(opts, "eval", "input"),
-                       which=_checkpoint(opts), dtype=dtype, mesh=_opt(opts, "eval", "mesh"))
+                       which=_checkpoint(opts), dtype=dtype, mesh=_opt(opts, "eval", "mesh"),
+                       init_from=_opt(opts, "eval", "init_from"))
     print(f"{split}: loss {r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
           f"{r['bits_per_char']:.4f} bits/char over {r['chars']:,} chars")
     print(f"(batches of {r['batch_size']} on {r['mesh']})")
@@ -141,6 +150,9 @@ def _file_and_format(opts, pos, key: str, command: str) -> tuple[str, str]:
     from gptjax import weights
 
     fmt = weights.get(_opt(opts, command, key), key)
+    if fmt.directory and len(pos) != 1:
+        raise UserError(f"gptjax {command} --{key}={fmt.name} takes one directory, DIR (e.g. out/{fmt.example})"
+                        + (" or a model name (gpt2, gpt2-medium, ...)" if command == "import" else ""))
     if len(pos) != 1 or (command == "export" and not pos[0].endswith(fmt.suffix)):
         raise UserError(f"gptjax {command} takes one checkpoint file, FILE{fmt.suffix} (e.g. out/{fmt.example})")
     from gptjax.config import expand_path

@@ -27,6 +27,7 @@ class ModelConfig:
     bias: bool = False  # biases in Linear and LayerNorm layers (nanoGPT's train.py default)
     tie_weights: bool = True  # LM head shares the token embedding matrix
     pos_encoding: str = "learned"  # learned (nanoGPT's wpe) | rope (rotary, on each head's queries and keys)
+    activation: str = "gelu"  # the MLP's: gelu (exact erf form, nanoGPT's nn.GELU()) | gelu_tanh (GPT-2's, gelu_new)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = "out"  # config.json, metrics.jsonl, checkpoints/, loss.png
-    init_from: str = "scratch"  # scratch | resume
+    init_from: str = "scratch"  # scratch | resume | gpt2|gpt2-medium|gpt2-large|gpt2-xl | a Hugging Face GPT-2 dir
     seed: int = 1337  # parameters, batches and dropout all derive from it
     batch_size: int = 64  # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -155,10 +156,11 @@ PRESETS = {
         block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=12, max_iters=2000,
         lr_decay_iters=2000, eval_iters=20, log_interval=1, out_dir="out-shakespeare-char-cpu",
     ),
-    # GPT-2 small's shape (124M) with nanoGPT's train_gpt2.py optimizer settings, on tiny Shakespeare BPE.
+    # GPT-2 small's shape (124M) with nanoGPT's train_gpt2.py optimizer settings, on tiny Shakespeare BPE; the
+    # vocabulary padded from 50257 to 50304 as nanoGPT pads it (a multiple of 64), for speed.
     "gpt2": lambda: override(
         Config(),
-        dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, dataset="shakespeare",
+        dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, dataset="shakespeare",
              out_dir="out-gpt2", batch_size=12, gradient_accumulation_steps=40, max_iters=600000,
              lr_decay_iters=600000, learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, beta2=0.95,
              eval_interval=1000, eval_iters=200),
@@ -244,7 +246,7 @@ def override(config: Config, overrides: dict) -> Config:
 
 # What a resumed run cannot change: the model's shape and the tokenization its weights were trained on.
 FIXED_ON_RESUME = ("model", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights",
-                   "dataset", "tokenizer")
+                   "activation", "dataset", "tokenizer")
 
 
 def resumed(saved: Config, overrides: dict, where: str = "the run") -> tuple[Config, list[str]]:
@@ -349,7 +351,7 @@ RANGES = {
 CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "einsum", "xla", "cudnn"),
            "matmul": ("auto", "xla", "mkl"),
            "remat": ("none", "block"), "step_impl": ("sharded", "shard_map", "pmap"),
-           "pos_encoding": ("learned", "rope")}
+           "pos_encoding": ("learned", "rope"), "activation": ("gelu", "gelu_tanh")}
 
 
 def check_choice(key: str, value: str) -> None:
@@ -383,8 +385,9 @@ def validate(config: Config) -> None:
     if m.model == "gpt" and m.pos_encoding == "rope" and m.n_embd // m.n_head % 2:
         raise UserError(f"--pos_encoding=rope turns pairs of features: the head size n_embd/n_head="
                         f"{m.n_embd // m.n_head} must be even")
-    if t.init_from not in ("scratch", "resume"):
-        raise UserError(f"--init_from={t.init_from}: use scratch or resume")
+    if not t.init_from:
+        raise UserError("--init_from is empty: use scratch, resume, a GPT-2 name (gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl) or a directory of Hugging Face GPT-2 files")
     if t.decay_lr and t.lr_decay_iters <= t.warmup_iters:
         raise UserError(f"--lr_decay_iters={t.lr_decay_iters} must exceed --warmup_iters={t.warmup_iters}")
     for key in CHOICES:

@@ -14,6 +14,7 @@ from gptjax import data, kernels, model, optim, parallel, rundir
 from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig, check_range
 from gptjax.errors import UserError
+from gptjax.weights import hf
 
 
 def loss_fn(graphdef, params, x_BT, y_BT, key=None):
@@ -114,7 +115,11 @@ def setup(config: Config, prep: data.Prepared | None = None):
     for split in data.SPLITS:
         data.check_fits(prep.tokens(split), config.model.block_size, split)
     check_memory(config)
-    graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
+    if hf.is_pretrained(config.train.init_from):  # config is hf.pretrained_config's: the file's model
+        graphdef, params = model.graphdef_for(config.model, compute_of(config)), hf.load_params(
+            config.train.init_from, config.model)
+    else:
+        graphdef, params = model.split(model.create(config.model, config.train.seed, compute_of(config)))
     return config, prep, graphdef, params, optim.make_optimizer(config.train, params)
 
 
@@ -171,20 +176,30 @@ def check_memory(config: Config, n_devices: int = 0) -> None:
 
 
 def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: str = "",
-             which: str | int = "best", dtype: str = "float32", mesh: str = "") -> dict:
+             which: str | int = "best", dtype: str = "float32", mesh: str = "", init_from: str = "") -> dict:
     """Exact loss of a run's checkpoint `which` (best by default) over a whole split, in nats/token and bits/char.
 
     input_path replaces the run's corpus file (e.g. for a run imported without one). dtype float32 (default) gives
     the figure to report; bfloat16 (or auto) runs the matmuls as a bfloat16 run trains. mesh: as train's --mesh
     (the batches split over its data axes, the parameters sharded over fsdp); default every device on dp.
+    init_from: a pretrained GPT-2 (hf.locate's names) instead of a run, on input_path (default tiny Shakespeare) in
+    GPT-2's tokens, in batches of 8 unless batch_size says otherwise.
     """
     check_range("eval_batch_size", batch_size, "batch_size")
-    config, graphdef, params = rundir.load_run(out_dir, which, dtype=dtype, attention="auto", scan_layers=True)
+    compute = {"dtype": dtype, "attention": "auto", "scan_layers": True}
+    if init_from:
+        config, graphdef, params, _ = hf.load_model(init_from, **compute)
+        batch_size = batch_size or 8
+    else:
+        config, graphdef, params = rundir.load_run(out_dir, which, **compute)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
-    if not input_path:
+    if not input_path and not init_from:
         rundir.check_corpus(out_dir, prep)
-    rundir.check_tokenizer(out_dir, prep)
+    if not init_from:
+        rundir.check_tokenizer(out_dir, prep)
+    elif prep.meta["tokenizer"] != "gpt2":
+        raise UserError(f"the corpus was prepared with {prep.meta['tokenizer']}; a GPT-2 reads gpt2 tokens")
     tokens = TokenReader(os.path.join(prep.dir, f"{split}.bin"), prep.meta["dtype"])
     m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
     n = jax.device_count()  # more rows than windows would be padding: cap it, still dividing over the devices

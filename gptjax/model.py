@@ -17,7 +17,7 @@ from flax import nnx
 from gptjax import registry
 from gptjax.compute import Compute
 from gptjax.config import ModelConfig
-from gptjax.ops import dropout, gelu, layer_norm, linear
+from gptjax.ops import dropout, gelu, gelu_tanh, layer_norm, linear
 from gptjax.registry import register  # noqa: F401  the research API, named gptjax.model.register in docs and errors
 
 
@@ -126,10 +126,12 @@ class MLP(nnx.Module):
         self.c_proj = Linear(4 * c.n_embd, c.n_embd, c.bias, 0.02 / math.sqrt(2 * c.n_layer), rngs, compute.dtype,
                              compute.matmul)
         self.dropout = c.dropout
+        self.activation = c.activation
 
     def __call__(self, x_BTD, key=None):
         h_BTF = self.c_fc(x_BTD)
-        h_BTF = gelu(h_BTF.astype(jnp.float32)).astype(h_BTF.dtype)
+        act = gelu_tanh if self.activation == "gelu_tanh" else gelu
+        h_BTF = act(h_BTF.astype(jnp.float32)).astype(h_BTF.dtype)
         return dropout(self.c_proj(h_BTF), self.dropout, key)
 
 

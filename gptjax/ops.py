@@ -1,4 +1,4 @@
-"""The kernels the models run: linear and LayerNorm with hand-written backward passes, exact GELU, dropout."""
+"""The kernels the models run: linear and LayerNorm with hand-written backward passes, GELU (two forms), dropout."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def gelu(x):
     piecewise polynomial several times the cost of erf's; the step spent a sixth of its time there.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x):
+    """GPT-2's GELU, the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): transformers' gelu_new,
+    nn.GELU(approximate="tanh")."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -14,22 +14,22 @@ USAGE = f"""usage: gptjax COMMAND [--key=value ...]
 
   prepare  [--config=NAME|FILE.py] [--dataset=shakespeare_char|shakespeare] [--input=PATH] [--tokenizer=char|gpt2|bpe:N]
            [--val_fraction=F] [--bpe_sample_bytes=N] [--text_field=NAME] [--split_seed=S] [--data_dir=DIR]
-  train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume] [--force] [--keep_checkpoints=N]
+  train    [--config=NAME|FILE.py] [--key=value ...] [--init_from=resume|gpt2*|DIR] [--force] [--keep_checkpoints=N]
            [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]
            [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
                           [--distributed_timeout=SECONDS]]
-  sample   --out_dir=DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
+  sample   --out_dir=DIR|--init_from=gpt2*|DIR [--start=TEXT|FILE:path] [--num_samples=N] [--max_new_tokens=N]
            [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=best|latest|STEP]
            [--kv_cache=true|false] [--dtype=auto|float32|bfloat16] [--attention=auto|einsum|xla|cudnn]
-  eval     --out_dir=DIR [--split=val|train] [--batch_size=N] [--input=PATH] [--checkpoint=best|latest|STEP]
-           [--dtype=float32|bfloat16|auto] [--mesh=dp:N,fsdp:M]
+  eval     --out_dir=DIR|--init_from=gpt2*|DIR [--split=val|train] [--batch_size=N] [--input=PATH]
+           [--checkpoint=best|latest|STEP] [--dtype=float32|bfloat16|auto] [--mesh=dp:N,fsdp:M]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--dtype=auto|float32|bfloat16]
            [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast] (MODE[key=value,...])
            [--workload=train|forward|generate] [--sampler=kv,reforward] [--steps=N] [--eager_steps=N] [--warmup=N]
            [--repeats=R] [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
            [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]   (the jax_jit_dp mode)
-  export   --out_dir=DIR --to={FORMAT_NAMES} FILE.pt [--force] [--checkpoint=best|latest|STEP]
-  import   --from={FORMAT_NAMES} FILE.pt --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
+  export   --out_dir=DIR --to={FORMAT_NAMES} FILE.pt|DIR [--force] [--checkpoint=best|latest|STEP]
+  import   --from={FORMAT_NAMES} FILE.pt|DIR|gpt2* --out_dir=DIR [--meta=PATH/meta.pkl] [--force]
 
 presets: bigram, lecture, shakespeare_char, shakespeare_char_cpu (default), gpt2, tiny.
 Config keys use nanoGPT's names (batch_size, block_size, n_layer, learning_rate, ...).
@@ -45,8 +45,10 @@ SUMMARY = {
     "sample": "Generate text from a trained run's checkpoint.",
     "eval": "The exact loss of a run's checkpoint over a whole split, in nats per token and bits per character.",
     "bench": "Time one model in several execution modes (JAX and PyTorch), each in a process of its own.",
-    "export": "Write a run's checkpoint as nanoGPT's ckpt.pt (and meta.pkl for a char vocabulary).",
-    "import": "Turn a nanoGPT ckpt.pt into a gptjax run directory.",
+    "export": "Write a run's checkpoint as nanoGPT's ckpt.pt (and meta.pkl for a char vocabulary), or as a Hugging "
+              "Face GPT-2 directory (config.json, model.safetensors).",
+    "import": "Turn a nanoGPT ckpt.pt, or a Hugging Face GPT-2 (a directory or a cached model's name), into a gptjax "
+              "run directory.",
 }
 CONFIG_OPTION = {"config": Option("NAME|FILE.py", DEFAULT_CONFIG, "a preset (bigram, lecture, shakespeare_char, "
                                                                   "shakespeare_char_cpu, gpt2, tiny) or a config file")}
@@ -83,6 +85,8 @@ OPTIONS = {
     },
     "sample": {
         "out_dir": Option("DIR", DEFAULT_RUN, "the run to sample from"),
+        "init_from": Option("gpt2*|DIR", "", "a pretrained GPT-2 instead of a run: gpt2, gpt2-medium, gpt2-large, "
+                                             "gpt2-xl (the Hugging Face cache) or a directory of its files"),
         "start": Option("TEXT|FILE:path", None, "the prompt, or a file's contents; default: a newline"),
         **{k: o for k, o in SAMPLE.items() if k != "kv_cache"},
         "checkpoint": CHECKPOINT,
@@ -93,6 +97,8 @@ OPTIONS = {
     },
     "eval": {
         "out_dir": Option("DIR", DEFAULT_RUN, "the run to evaluate"),
+        "init_from": Option("gpt2*|DIR", "", "a pretrained GPT-2 instead of a run (as sample's); the corpus is --input "
+                                             "or tiny Shakespeare, in batches of 8 by default"),
         "split": Option("val|train", "val", "the split, whole"),
         "batch_size": Option("N", 0, "windows per call; 0: the run's own batch size", range="eval_batch_size"),
         "input": Option("PATH", "", "the corpus file, for a run moved or imported without one"),
@@ -119,12 +125,14 @@ OPTIONS = {
     },
     "export": {
         "out_dir": Option("DIR", DEFAULT_RUN, "the run to export"),
-        "to": Option(FORMAT_NAMES, "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
-        "force": Option("true|false", False, "replace FILE.pt if it exists"),
+        "to": Option(FORMAT_NAMES, "nanogpt", "the format; the one positional argument is FILE.pt (nanogpt) or DIR "
+                                              "(hf)"),
+        "force": Option("true|false", False, "replace FILE.pt (or DIR's files) if it exists"),
         "checkpoint": CHECKPOINT,
     },
     "import": {
-        "from": Option(FORMAT_NAMES, "nanogpt", "the format; the file is the one positional argument, FILE.pt"),
+        "from": Option(FORMAT_NAMES, "nanogpt", "the format; the one positional argument is FILE.pt (nanogpt), or DIR "
+                                                "or a model name in the Hugging Face cache (hf)"),
         "out_dir": Option("DIR", None, "the new run's directory (required)"),
         "meta": Option("PATH", None, "nanoGPT's meta.pkl; default: the one beside FILE.pt, else GPT-2's tokenizer"),
         "force": Option("true|false", False, "replace a run in --out_dir"),

@@ -115,13 +115,13 @@ def default_start(tok) -> str:
 def sample(out_dir: str, start: str | None = None, num_samples: int = _D.num_samples,
            max_new_tokens: int = _D.max_new_tokens, temperature: float = _D.temperature, top_k: int | None = _D.top_k,
            seed: int = _D.seed, checkpoint: str | int = "best", top_p: float = _D.top_p, kv_cache: bool = _D.kv_cache,
-           dtype: str = "auto", attention: str = "auto") -> list[str]:
+           dtype: str = "auto", attention: str = "auto", init_from: str = "") -> list[str]:
     """Texts generated from a run's checkpoint (best by default), each beginning with `start` (or FILE:path's
     contents; None: default_start).
 
     top_k 0 or None samples from the whole distribution; top_p 1 turns nucleus filtering off. kv_cache: see
     generate. dtype and attention: how the model runs (auto: bfloat16 and flash attention on a GPU that has them,
-    float32 on a CPU)."""
+    float32 on a CPU). init_from: a pretrained GPT-2 (gptjax.weights.hf.locate's names) instead of a run."""
     for key, value in (("temperature", temperature), ("num_samples", num_samples),
                        ("max_new_tokens", max_new_tokens), ("top_k", top_k or 0), ("seed", seed), ("top_p", top_p)):
         check_range(key, value)
@@ -136,8 +136,13 @@ def sample(out_dir: str, start: str | None = None, num_samples: int = _D.num_sam
             raise UserError(f"--start={start}: that file is not UTF-8 text; give a text file") from None
     if start == "":
         raise UserError("--start must not be empty: generation needs at least one token to condition on")
-    config, graphdef, params = rundir.load_run(out_dir, checkpoint, dtype=dtype, attention=attention)
-    tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
+    if init_from:
+        from gptjax.weights import hf
+
+        config, graphdef, params, tok = hf.load_model(init_from, dtype=dtype, attention=attention)
+    else:
+        config, graphdef, params = rundir.load_run(out_dir, checkpoint, dtype=dtype, attention=attention)
+        tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     start = default_start(tok) if start is None else start
     prompt = np.asarray(tok.encode(start), np.int32)
     if len(prompt) == 0:

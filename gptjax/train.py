@@ -14,6 +14,7 @@ from gptjax import checkpoint, data, evaluate, model, optim, parallel
 from gptjax.compute import compute_of, describe_matmul
 from gptjax.config import Config, TrainConfig
 from gptjax.run import Run, StopOnSignal
+from gptjax.weights import hf
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainConfig, mesh=None, impl: str = "sharded",
@@ -58,6 +59,8 @@ def train(config: Config, force: bool = False, progress: bool = True) -> dict:
     good checkpoint kept. A fresh run that fails before its first checkpoint leaves no run files behind.
     """
     t0 = time.perf_counter()
+    if hf.is_pretrained(config.train.init_from):  # the model (and tokenizer) its files hold
+        config = hf.pretrained_config(config)
     with Run.open(config, force) as run:
         prep = data.prepare(run.config.data)
         run.check_data(prep)

@@ -137,7 +137,7 @@ def test_bad_exports_and_imports_are_clear_errors_that_keep_what_exists(exported
     before = open(ckpt, "rb").read()
     assert "exists" in fails("export", f"--out_dir={run}", "--to=nanogpt", ckpt)
     assert open(ckpt, "rb").read() == before
-    assert "only checkpoint format" in fails("export", f"--out_dir={run}", "--to=hf", str(tmp_path / "x.pt"))
+    assert "formats are nanogpt, hf" in fails("export", f"--out_dir={run}", "--to=onnx", str(tmp_path / "x.pt"))
     assert "FILE.pt" in fails("export", f"--out_dir={run}", "--to=nanogpt")
 
     junk = tmp_path / "junk.pt"

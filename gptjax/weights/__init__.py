@@ -20,6 +20,7 @@ class Format:
     module: str  # imported when the format is used, so that choosing from the table imports neither jax nor torch
     needs: str  # the package its files need, imported before any work so that its absence is the one line
     missing: str  # that line
+    directory: bool = False  # the files go in a directory, the positional argument, instead of one file
 
     def load(self) -> ModuleType:
         """The format's module, once the package its files need is known to import."""
@@ -33,6 +34,7 @@ class Format:
 FORMATS = {f.name: f for f in (
     Format("nanogpt", ".pt", "ckpt.pt", "gptjax.weights.nanogpt", "torch",
            "nanoGPT checkpoints need PyTorch: pip install 'gptjax[torch]'"),
+    Format("hf", "", "gpt2-hf", "gptjax.weights.hf", "numpy", "", directory=True),  # transformers' GPT-2 files
 )}
 
 

@@ -14,12 +14,13 @@ def export(fmt: str, out_dir: str, path: str, force: bool = False, which: str | 
     beside it; {path, vocab (a vocabulary file written beside it, or None), step, tensors}."""
     row = FORMATS[fmt]
     m = row.load()
-    check_target(path, row.example)
-    if not force and os.path.lexists(path):
-        raise UserError(f"{path} exists: pick another file or pass --force to overwrite it")
+    (check_directory if row.directory else check_target)(path, row.example)
+    if not force and os.path.lexists(path) and not (row.directory and not os.listdir(path)):
+        raise UserError(f"{path} exists: pick another {'directory' if row.directory else 'file'} or pass --force to "
+                        "overwrite it")
     config, _, state = rundir.load_state(out_dir, which)
     files, summary = m.export_files(config, state, out_dir, path, force)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(path if row.directory else os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for p, write in files:
         writes.atomic_write(p, write)
     return {"path": path, **summary}
@@ -43,6 +44,21 @@ def import_run(fmt: str, path: str, out_dir: str, vocab: str | None = None, forc
             raise
         rundir.drop_aside(aside)
     return config, state
+
+
+def check_directory(path: str, example: str) -> None:
+    """PATH is a directory, or can be made, and takes new files: checked before any work, as check_target does."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} is a file: the format writes a directory of files; name a directory, e.g. "
+                        f"{os.path.join(os.path.dirname(path), example)}")
+    try:
+        writes.probe(path)
+    except NotADirectoryError as e:
+        raise UserError(f"{path}: {e.filename} is a file, so the directory cannot be made; export to another path"
+                        ) from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror or e}); export to a directory you can write to"
+                        ) from None
 
 
 def check_target(path: str, example: str) -> None:

@@ -229,6 +229,9 @@ def export_files(config: Config, state, out_dir: str, path: str, force: bool):
     if c.pos_encoding != "learned":
         raise UserError(f"{out_dir} has pos_encoding={c.pos_encoding}; nanoGPT's GPT learns its position embeddings "
                         "(wpe), so it cannot load this model")
+    if c.activation != "gelu":
+        raise UserError(f"{out_dir} has activation={c.activation}; nanoGPT's MLP computes the exact GELU, so it "
+                        "would run another model: export it with --to=hf instead")
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")
     meta = None
