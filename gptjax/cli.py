@@ -89,6 +89,7 @@ def cmd_sample(opts, pos):
     from gptjax import sample
 
     _only(opts, "sample")
+    _one_source(opts, "sample")
     kw = {k: _opt(opts, "sample", k) for k in ("start", "num_samples", "max_new_tokens", "temperature", "top_k",
                                                "seed", "top_p", "kv_cache", "init_from")}
     texts = sample.sample(_opt(opts, "sample", "out_dir"), checkpoint=_checkpoint(opts),
@@ -107,6 +108,14 @@ def _choice(opts, command: str, key: str) -> str:
     return value
 
 
+def _one_source(opts, command: str) -> None:
+    """--init_from names the model instead of a run: --out_dir and --checkpoint would be ignored, so refuse them."""
+    if opts.get("init_from"):
+        both = [k for k in ("out_dir", "checkpoint") if k in opts]
+        if both:
+            raise UserError(f"gptjax {command}: --init_from and --{both[0]} both name the model: pass one of them")
+
+
 def _checkpoint(opts) -> str | int:
     """--checkpoint=best|latest|STEP (default best)."""
     raw = take(opts, "checkpoint", OPTIONS["sample"]["checkpoint"])
@@ -121,6 +130,7 @@ def cmd_eval(opts, pos):
     from gptjax import evaluate
 
     _only(opts, "eval")
+    _one_source(opts, "eval")
     out_dir = _opt(opts, "eval", "out_dir")
     split = _opt(opts, "eval", "split")
     if split not in ("train", "val"):
@@ -138,6 +148,9 @@ def cmd_bench(opts, pos):
     from gptjax import bench
 
     options = bench.parse_options(opts)
+    if opts.get("init_from", "scratch") != "scratch":
+        raise UserError(f"--init_from={opts['init_from']}: gptjax bench times a model from a fresh initialisation "
+                        "(its shape is what is timed); drop --init_from")
     records = bench.run(_config(opts), options)
     failed = [r["mode"] for r in records if r["error"]]
     if failed:

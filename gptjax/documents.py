@@ -106,7 +106,9 @@ def hf_dataset(input: str) -> str:
     newest copy of it in the local datasets cache, whose train split is the corpus. Never the network."""
     name, _, config = input[len(HF_PREFIX):].partition(":")
     cache = datasets_cache()
-    roots = [os.path.join(cache, name.replace("/", "___")), os.path.join(cache, name.rsplit("/", 1)[-1])]
+    owner, _, short = name.rpartition("/")
+    # the library names the directory OWNER___NAME, NAME in snake case (TinyStories: tiny_stories); older ones NAME
+    roots = [os.path.join(cache, f"{owner}___{n}" if owner else n) for n in (short, _snake_case(short))]
     found = [d for root in dict.fromkeys(roots) if name
              for d in glob.glob(os.path.join(glob.escape(root), glob.escape(config) if config else "*", "*", "*"))
              if os.path.isfile(os.path.join(d, "dataset_info.json"))]
@@ -119,6 +121,12 @@ def hf_dataset(input: str) -> str:
         raise UserError(f"--input={input}: the cache holds {name} in configurations {', '.join(configs)}: pass "
                         f"--input=hf:{name}:{configs[0]} (or another)")
     return max(found, key=os.path.getmtime)  # the newest version, as load_dataset picks offline
+
+
+def _snake_case(name: str) -> str:
+    """The datasets library's camelcase_to_snakecase: TinyStories -> tiny_stories, OpenWebText -> open_web_text."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower()
 
 
 def _cached_split(d: str) -> list[str]:

@@ -188,18 +188,19 @@ def evaluate(out_dir: str, split: str = "val", batch_size: int = 0, input_path: 
     check_range("eval_batch_size", batch_size, "batch_size")
     compute = {"dtype": dtype, "attention": "auto", "scan_layers": True}
     if init_from:
-        config, graphdef, params, _ = hf.load_model(init_from, **compute)
+        config, graphdef, params, tok = hf.load_model(init_from, **compute)
+        if tok.name != "gpt2":
+            raise UserError(f"--init_from={init_from} holds a {tok.name} vocabulary, not GPT-2's: import it (gptjax "
+                            "import --from=hf) and evaluate that run")
         batch_size = batch_size or 8
     else:
         config, graphdef, params = rundir.load_run(out_dir, which, **compute)
     data_config = dataclasses.replace(config.data, input=input_path) if input_path else config.data
     prep = data.prepare(data_config)
-    if not input_path and not init_from:
-        rundir.check_corpus(out_dir, prep)
     if not init_from:
+        if not input_path:
+            rundir.check_corpus(out_dir, prep)
         rundir.check_tokenizer(out_dir, prep)
-    elif prep.meta["tokenizer"] != "gpt2":
-        raise UserError(f"the corpus was prepared with {prep.meta['tokenizer']}; a GPT-2 reads gpt2 tokens")
     tokens = TokenReader(os.path.join(prep.dir, f"{split}.bin"), prep.meta["dtype"])
     m, windows = config.model, -(-(len(tokens) - 1) // config.model.block_size)
     n = jax.device_count()  # more rows than windows would be padding: cap it, still dividing over the devices

@@ -49,7 +49,10 @@ class Run:
         distributed.sync("gptjax-out-dir-checked")
         if saved is not None:  # the run's own model and data (or --input's copy of it); this call's training
             data_config = dataclasses.replace(saved.data, input=config.data.input) if config.data.input else saved.data
-            config = dataclasses.replace(saved, data=data_config, train=config.train)
+            train = config.train
+            if saved.train.init_from not in ("scratch", "resume") and not checkpoint.exists(train.out_dir, "latest"):
+                train = dataclasses.replace(train, init_from=saved.train.init_from)  # start over from its weights
+            config = dataclasses.replace(saved, data=data_config, train=train)
         run = cls(config, saved is not None, force)
         with rundir.run_lock(run.out) if run.lead else contextlib.nullcontext():
             try:

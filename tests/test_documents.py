@@ -70,15 +70,16 @@ def _write_inputs(root, docs):
     return inputs
 
 
-def _datasets_cache(cache, docs, pa, name="someone/corpus", configs=("default",)) -> str:
-    """`name` in a datasets cache as load_dataset leaves it: NAME-train-0000i-of-0000n.arrow shards and a test split
-    in the newest version's directory, an older version of other documents beside it; the --input that finds it."""
+def _datasets_cache(cache, docs, pa, name="someone/corpus", configs=("default",), dirname="someone___corpus") -> str:
+    """`name` in a datasets cache as load_dataset leaves it, in `dirname`: NAME-train-0000i-of-0000n.arrow shards and
+    a test split in the newest version's directory, an older version of other documents beside it; the --input that
+    finds it."""
     for config in configs:
         for version, texts, age in (("1.0.0/old", ["stale"] * 5, 10**6), ("1.0.0/new", docs, 0)):
-            d = cache / name.replace("/", "___") / config / version
+            d = cache / dirname / config / version
             d.mkdir(parents=True)
             (d / "dataset_info.json").write_text(json.dumps({"splits": {"train": {}, "test": {}}}))
-            base = name.rsplit("/", 1)[-1]
+            base = dirname.split("___")[-1]
             table = pa.table({"text": texts})
             for i, (lo, hi) in enumerate([(0, 20), (20, len(texts))]):
                 with pa.ipc.new_stream(d / f"{base}-train-{i:05d}-of-00002.arrow", table.schema) as w:
@@ -202,14 +203,16 @@ def test_damaged_and_odd_inputs_are_one_line(tmp_path):
 def test_the_datasets_cache_is_found_by_name_and_its_mistakes_are_one_line(tmp_path, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     monkeypatch.setenv("HF_DATASETS_CACHE", "")
-    given = _datasets_cache(tmp_path / "two", ["a doc"] * 30, pa, configs=("en", "fr"))
-    with pytest.raises(UserError, match="configurations en, fr: pass --input=hf:someone/corpus:en"):
+    # the library writes a name in snake case: someone/TinyCorpus lives in someone___tiny_corpus
+    given = _datasets_cache(tmp_path / "two", ["a doc"] * 30, pa, "someone/TinyCorpus", ("en", "fr"),
+                            "someone___tiny_corpus")
+    with pytest.raises(UserError, match="configurations en, fr: pass --input=hf:someone/TinyCorpus:en"):
         data.prepare(DataConfig(input=given, tokenizer="gpt2", data_dir=str(tmp_path / "d")))
     prep = data.prepare(DataConfig(input=given + ":fr", tokenizer="gpt2", val_fraction=0.2, data_dir=str(tmp_path)))
     assert prep.meta["train_documents"] + prep.meta["val_documents"] == 30
     with pytest.raises(UserError, match=r"someone/nothing is not in the datasets cache .*two: run datasets\.load_"):
         data.prepare(DataConfig(input="hf:someone/nothing", tokenizer="gpt2", data_dir=str(tmp_path / "d")))
-    newest = tmp_path / "two" / "someone___corpus" / "en" / "1.0.0" / "new"
-    (newest / "corpus-train-00001-of-00002.arrow").unlink()
+    newest = tmp_path / "two" / "someone___tiny_corpus" / "en" / "1.0.0" / "new"
+    (newest / "tiny_corpus-train-00001-of-00002.arrow").unlink()
     with pytest.raises(UserError, match="1 of the train split's 2 Arrow files are there"):
         data.prepare(DataConfig(input=given + ":en", tokenizer="gpt2", data_dir=str(tmp_path / "d")))

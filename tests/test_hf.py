@@ -211,7 +211,10 @@ def test_finetune_from_hf_files_starts_there_resumes_and_samples(saved, tmp_path
     base = ["--config=gpt2", f"--input={shakespeare}", f"--init_from={saved_dir}", "--block_size=32",
             "--batch_size=2", "--gradient_accumulation_steps=1", "--warmup_iters=0", "--eval_interval=2",
             "--eval_iters=1", f"--out_dir={out}"]
-    r = cli_run("train", *base, "--max_iters=2", "--learning_rate=1e-9", "--min_lr=1e-10", "--weight_decay=0")
+    r = cli_run("train", *base, "--max_iters=0")  # stopped before its first checkpoint
+    assert r.returncode == 0 and not (out / "checkpoints").exists(), r.stderr[-2000:]
+    r = cli_run("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=2", "--learning_rate=1e-9",
+                "--min_lr=1e-10", "--weight_decay=0")  # starts over from the pretrained weights, not at random
     assert r.returncode == 0, r.stderr[-2000:]
     config = rundir.saved_config(str(out))
     assert (config.model.n_embd, config.model.block_size, config.model.vocab_size, config.data.tokenizer,
@@ -224,6 +227,27 @@ def test_finetune_from_hf_files_starts_there_resumes_and_samples(saved, tmp_path
     r = cli_run("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=4")
     assert r.returncode == 0 and "sample:" in r.stdout, r.stderr[-2000:]
     assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 2, 4]
+
+
+def test_export_over_another_vocabulary_and_into_runs_is_safe(saved, trained, tmp_path, capsys):
+    """--force over an export of a char run: gptjax's tokenizer file goes, or import would read GPT-2's ids with it;
+    an export into a run's directory and an import onto its own files are refused."""
+    _, runs = trained
+    char_run, char_export = runs["gelu"]
+    target = tmp_path / "over"
+    shutil.copytree(char_export, target)
+    assert (target / hf.VOCAB).is_file()
+    gpt2_run = tmp_path / "gpt2-run"
+    assert cli_run("import", "--from=hf", saved[0], f"--out_dir={gpt2_run}").returncode == 0
+    r = cli_run("export", f"--out_dir={gpt2_run}", "--to=hf", target, "--force")
+    assert r.returncode == 0 and not (target / hf.VOCAB).exists(), r.stderr[-2000:]
+    assert hf.load_model(str(target))[3].name == "gpt2"
+    assert "holds a gptjax run" in user_error(capsys, "export", f"--out_dir={gpt2_run}", "--to=hf", char_run,
+                                              "--force")
+    assert (char_run / "config.json").is_file() and rundir.saved_config(str(char_run)).model.bias is False
+    assert "is the directory being imported" in user_error(capsys, "import", "--from=hf", target,
+                                                            f"--out_dir={target}", "--force")
+    assert (target / "config.json").is_file()
 
 
 def _config_with(saved_dir, root, **changes):
@@ -263,7 +287,16 @@ def test_bad_files_and_options_are_one_line(saved, trained, tmp_path, capsys, sh
     assert "--n_layer: the model comes from" in user_error(capsys, *train, "--n_layer=4")
     assert "--block_size=128 exceeds" in user_error(capsys, *train, "--block_size=128")
     assert "--tokenizer=char" in user_error(capsys, *train, "--tokenizer=char")
-    out, _ = trained[1]["gelu_tanh"]
+    out, char_export = trained[1]["gelu_tanh"]
+    for argv in (["train", "--config=tiny", f"--input={shakespeare}", f"--out_dir={tmp_path}/t"],
+                 ["eval", f"--input={shakespeare}"]):
+        line = user_error(capsys, *argv, f"--init_from={char_export}")
+        assert "vocabulary" in line and "GPT-2's" in line and "gptjax import --from=hf" in line
+    assert "did you mean --init_from=resume" in user_error(capsys, *train[:-2], "--init_from=resum", f"--out_dir={out}")
+    assert "--init_from and --out_dir both name the model" in user_error(capsys, "sample", f"--init_from={saved_dir}",
+                                                                         f"--out_dir={out}")
+    assert "gptjax bench times a model from a fresh" in user_error(capsys, "bench", "--config=tiny",
+                                                                   f"--init_from={saved_dir}")
     assert "activation=gelu_tanh; nanoGPT's MLP computes the exact GELU" in user_error(
         capsys, "export", f"--out_dir={out}", "--to=nanogpt", tmp_path / "x.pt")
     assert "contradicts" in user_error(capsys, "train", "--init_from=resume", f"--out_dir={out}", "--activation=gelu")
@@ -272,17 +305,42 @@ def test_bad_files_and_options_are_one_line(saved, trained, tmp_path, capsys, sh
     assert not (tmp_path / "t").exists() and not (tmp_path / "x.pt").exists()
 
 
-def test_padding_the_vocabulary_is_asked_for(saved, tmp_path, shakespeare):
-    """--vocab_size above the file's pads wte with zero rows (the tokenizer's logits unchanged); the gpt2 preset's
-    50304 does not apply to pretrained weights unless asked."""
-    saved_dir, m, idx = saved
-    config, _, _, _ = hf.load_model(str(saved_dir))
-    padded = dataclasses.replace(config.model, vocab_size=50304)
-    params = hf.params_from_tensors(hf.read_dir(str(saved_dir))[1], padded, str(saved_dir))
-    logits = np.asarray(model.apply(model.graphdef_for(padded), params, jnp.asarray(idx)))
-    _agrees(logits[..., :50257], m, idx)
-    assert np.all(logits[..., 50257:] == 0)
+def test_padding_the_vocabulary_is_asked_for(saved, untied, tmp_path, shakespeare):
+    """--vocab_size above the file's adds tokens whose embedding is the mean of the others, so each one's logit is
+    the mean of the model's logits (a zero row's 0 would outweigh GPT-2's negative logits); the tokenizer's logits
+    are unchanged. The gpt2 preset's 50304 does not apply to pretrained weights unless asked."""
+    for d, m in (saved[:2], untied):
+        config, _, _, _ = hf.load_model(str(d))
+        padded = dataclasses.replace(config.model, vocab_size=50304)
+        params = hf.params_from_tensors(hf.read_dir(str(d))[1], padded, str(d))
+        logits = np.asarray(model.apply(model.graphdef_for(padded), params, jnp.asarray(saved[2])))
+        _agrees(logits[..., :50257], m, saved[2])
+        mean = logits[..., :50257].mean(-1, keepdims=True)
+        np.testing.assert_allclose(logits[..., 50257:], np.broadcast_to(mean, logits[..., 50257:].shape), atol=1e-5)
+    saved_dir = saved[0]
     from gptjax.config import load_config
 
     cfg = hf.pretrained_config(load_config("gpt2", {"init_from": str(saved_dir), "block_size": 64, "vocab_size": 0}))
     assert cfg.model.vocab_size == 50257 and load_config("gpt2").model.vocab_size == 50304
+
+
+def test_the_finetune_recipe_runs_and_says_plainly_when_the_weights_are_missing(tmp_path, monkeypatch, capsys,
+                                                                                shakespeare):
+    import runpy
+
+    from conftest import ROOT
+
+    script = runpy.run_path(os.path.join(ROOT, "experiments", "finetune_gpt2.py"), run_name="smoke_finetune")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    from gptjax import research
+
+    assert research.main(script["run"], [f"--input={shakespeare}", f"--out={tmp_path}"]) == 2
+    assert "--model=gpt2-xl: not a directory, and no config.json" in error_line_of(capsys)
+    script["run"](["--smoke", "--model=random", f"--input={shakespeare}", f"--out={tmp_path}"])
+    page = (tmp_path / "finetune_gpt2.md").read_text()
+    assert "| after 2 iterations |" in page and (tmp_path / "finetune_gpt2" / "loss.png").is_file()
+
+
+def error_line_of(capsys) -> str:
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return line

@@ -9,6 +9,7 @@ causal-mask buffers `h.N.attn.bias` / `h.N.attn.masked_bias`; both are taken.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import json
 import os
@@ -29,9 +30,11 @@ WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "gptjax-tokenizer.j
 # ---- finding the files -------------------------------------------------------------------------------------------
 
 def hub_cache() -> str:
-    """huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub ($XDG_CACHE_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    """huggingface_hub's cache: $HF_HUB_CACHE (or its old name $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub ($XDG_CACHE_HOME honoured)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")
 
@@ -68,6 +71,9 @@ def locate(source: str, option: str = "init_from") -> str:
         if found:
             return found
     names = ", ".join(PRETRAINED)
+    close = difflib.get_close_matches(source, ["scratch", "resume", *PRETRAINED], n=1)
+    if close and close[0] != source and option == "init_from":
+        raise UserError(f"--init_from={source}: did you mean --init_from={close[0]}? (no such directory or model)")
     raise UserError(f"--{option}={source}: not a directory, and no {CONFIG} + {WEIGHTS} in {' or '.join(looked)}: "
                     f"download them where there is network (huggingface-cli download {repos[0]} {CONFIG} {WEIGHTS}), "
                     f"set HF_HUB_CACHE to the cache that has them, or pass a directory ({names} are the names known)")
@@ -132,10 +138,12 @@ def model_config(cfg: dict, where: str) -> ModelConfig:
     if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
         got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise UserError(f"{where}: model_type is {got!r}; gptjax loads GPT-2 models (model_type gpt2) only")
+    # GPT2Config's defaults, for a file that leaves a size out
+    defaults = {"vocab_size": GPT2_VOCAB, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
     try:
-        shape = {k: int(cfg[k]) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e} is missing or not a number; is it a transformers GPT2Config?") from None
+        shape = {k: int(cfg.get(k, d)) for k, d in defaults.items()}
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {', '.join(defaults)} must be numbers; is it a transformers GPT2Config?") from None
     D = shape["n_embd"]
     act = cfg.get("activation_function", "gelu_new")
     checks = [
@@ -153,7 +161,7 @@ def model_config(cfg: dict, where: str) -> ModelConfig:
         raise UserError(f"{where}: {bad[0]}: gptjax's GPT cannot compute this model")
     return ModelConfig(model="gpt", vocab_size=shape["vocab_size"], block_size=shape["n_positions"],
                        n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=D,
-                       dropout=float(cfg.get("resid_pdrop", 0.0)), bias=True,
+                       dropout=float(cfg.get("resid_pdrop", 0.1)), bias=True,
                        tie_weights=bool(cfg.get("tie_word_embeddings", True)), pos_encoding="learned",
                        activation=ACTIVATIONS[act])
 
@@ -192,9 +200,10 @@ def _is_buffer(key: str) -> bool:
 
 
 def params_from_tensors(tensors: dict, c: ModelConfig, where: str):
-    """gptjax float32 parameters for c (bias=True) from a GPT2LMHeadModel's tensors, either name layout; c's
-    vocab_size larger than the file's pads wte (and an untied head) with zero rows; its block_size below the file's
-    crops wpe."""
+    """gptjax float32 parameters for c (bias=True) from a GPT2LMHeadModel's tensors, either name layout; its
+    block_size below the file's crops wpe. c's vocab_size larger than the file's adds tokens to wte (and an untied
+    head) initialised to the mean of the others (as transformers' resize_token_embeddings does): each new token's
+    logit is then about the average token's, not 0, which would outweigh GPT-2's large negative logits."""
     import jax.numpy as jnp
 
     from gptjax import model
@@ -220,9 +229,10 @@ def params_from_tensors(tensors: dict, c: ModelConfig, where: str):
         want = like[name].shape
         if name == "wpe.weight" and x.shape[0] >= want[0]:
             x = x[: want[0]]
-        if name in ("wte.weight", "lm_head.weight") and x.shape[0 if name == "wte.weight" else 1] < max(want):
-            pad = [(0, want[0] - x.shape[0]), (0, 0)] if name == "wte.weight" else [(0, 0), (0, want[1] - x.shape[1])]
-            x = np.pad(x, pad)
+        axis = {"wte.weight": 0, "lm_head.weight": 1}.get(name)
+        if axis is not None and x.shape[axis] < want[axis]:
+            extra = np.repeat(x.mean(axis=axis, keepdims=True), want[axis] - x.shape[axis], axis=axis)
+            x = np.concatenate([x, extra], axis=axis)
         if x.shape != want:
             raise UserError(f"{where}: {key} has shape {tuple(sd[key].shape)}; its config.json needs "
                             f"{tuple(want[::-1] if transposed else want)}")
@@ -273,7 +283,9 @@ def pretrained_config(config: Config) -> Config:
     with the config's dropout, its block_size where smaller (wpe cropped, as nanoGPT does) and its vocab_size where
     larger (wte padded with zero rows); the tokenizer gpt2."""
     source = config.train.init_from
-    c, _ = read_dir(locate(source), tensors=False)
+    path = locate(source)
+    c, _ = read_dir(path, tensors=False)
+    gpt2_only(path, c, source)
     want = config.model
     if want.block_size > c.block_size:
         raise UserError(f"--block_size={want.block_size} exceeds {source}'s {c.block_size} positions: pass "
@@ -307,6 +319,13 @@ def load_model(source: str, option: str = "init_from", **compute):
     return config, graphdef, params_from_tensors(tensors, c, path), tokenizer(path, c)
 
 
+def gpt2_only(path: str, c: ModelConfig, source: str) -> None:
+    """train and eval --init_from read the corpus in GPT-2's tokens: refuse files that carry another vocabulary."""
+    if os.path.isfile(os.path.join(path, VOCAB)) or c.vocab_size < GPT2_VOCAB:
+        raise UserError(f"--init_from={source} holds a vocabulary other than GPT-2's: import it (gptjax import "
+                        f"--from=hf {source} --out_dir=RUN) and continue that run with --init_from=resume")
+
+
 def tokenizer(path: str, c: ModelConfig):
     """gptjax's own tokenizer file beside the weights where export wrote one, else GPT-2's."""
     from gptjax import tokenizers
@@ -332,6 +351,8 @@ def read(path: str, out_dir: str, vocab: str | None = None):
     if vocab is not None:
         raise UserError("--meta applies to nanoGPT checkpoints; a Hugging Face directory carries its vocabulary")
     path = locate(path, "from")
+    if os.path.isdir(out_dir) and os.path.samefile(path, out_dir):
+        raise UserError(f"--out_dir={out_dir} is the directory being imported: pick another --out_dir")
     c, tensors = read_dir(path)
     params = params_from_tensors(tensors, c, path)
     tok = tokenizer(path, c)
@@ -351,8 +372,13 @@ def export_files(config: Config, state, out_dir: str, path: str, force: bool):
         raise UserError(f"{out_dir} holds a {c.model} model; a Hugging Face GPT-2 holds a GPT only")
     if c.pos_encoding != "learned":
         raise UserError(f"{out_dir} has pos_encoding={c.pos_encoding}; GPT-2 learns its position embeddings (wpe)")
+    if any(os.path.lexists(os.path.join(path, f)) for f in ("metrics.jsonl", "checkpoints")):
+        raise UserError(f"{path} holds a gptjax run, whose config.json the export would replace: export elsewhere")
     tok = tokenizers.load(os.path.join(out_dir, "tokenizer.json"))
     gpt2 = tok.name == "gpt2"
+    stale = os.path.join(path, VOCAB)
+    if gpt2 and os.path.lexists(stale):  # a --force export over one of another vocabulary: theirs would be read
+        os.remove(stale)
     tensors = tensors_from_params(state.params, c)
     text = json.dumps(hf_config(c, gpt2), indent=2) + "\n"
     files = [(os.path.join(path, CONFIG), lambda f: f.write(text.encode())),
