@@ -24,7 +24,7 @@ USAGE = f"""usage: gptjax COMMAND [--key=value ...]
   eval     --out_dir=DIR|--init_from=gpt2*|DIR [--split=val|train] [--batch_size=N] [--input=PATH]
            [--checkpoint=best|latest|STEP] [--dtype=float32|bfloat16|auto] [--mesh=dp:N,fsdp:M]
   bench    [--config=NAME|FILE.py] [--key=value ...] [--dtype=auto|float32|bfloat16]
-           [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast] (MODE[key=value,...])
+           [--modes=jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast,hf_eager,hf_compile]
            [--workload=train|forward|generate] [--sampler=kv,reforward] [--steps=N] [--eager_steps=N] [--warmup=N]
            [--repeats=R] [--rounds=R] [--sweep=KEY:V1,V2,...] [--max_new_tokens=N] [--out=DIR]
            [--mesh=dp:N,fsdp:M] [--step_impl=sharded|shard_map|pmap]   (the jax_jit_dp mode)
@@ -109,8 +109,9 @@ OPTIONS = {
     "bench": {
         **CONFIG_OPTION,
         "modes": Option("M1,M2,...", "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,torch_fast",
-                        "the modes to time (without torch installed, the jax_* ones); a mode may take settings "
-                        "of its own: jax_jit_dp[matmul=xla,dtype=bfloat16], torch_compile[dtype=bfloat16]"),
+                        "the modes to time (without torch installed, the jax_* ones; transformers' GPT-2, hf_eager "
+                        "and hf_compile, when named); a mode may take settings of its own: "
+                        "jax_jit_dp[matmul=xla,dtype=bfloat16], torch_compile[dtype=bfloat16]"),
         "workload": Option("train|forward|generate", "train", "what each call runs"),
         "sampler": Option("kv,reforward", "kv,reforward", "--workload=generate: the samplers to time"),
         "steps": Option("N", 20, "timed calls per repeat"),

@@ -14,7 +14,8 @@ from gptjax import cli
 from gptjax.bench import flops, report
 from gptjax.config import ModelConfig
 
-ALL = "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile"  # torch_fast: test_bfloat16_modes_compute_in_it
+# torch_fast: test_bfloat16_modes_compute_in_it; hf_eager: transformers' GPT-2, its biases held at zero (tiny has none)
+ALL = "jax_jit,jax_jit_dp,jax_eager,torch_eager,torch_compile,hf_eager"
 STEPS = ("--steps=2", "--eager_steps=2", "--warmup=1", "--repeats=2")  # every_mode's calls: 6 train steps
 
 
@@ -44,7 +45,9 @@ def test_every_mode_trains_the_same_model(every_mode):
         assert r["loss_diff"] is not None and r["loss_diff"] < 1e-5, (r["mode"], r["loss_diff"])
         assert abs(r["loss"] - base["loss"]) < 1e-5 and not r["loss_flag"]
     assert {r["mode"]: r["devices"] for r in records}["jax_jit_dp"] == 2  # the tiny batch of 8 over both cores
-    assert {r["mode"]: r["detail"] for r in records}["torch_compile"].startswith("torch.compile (inductor")
+    detail = {r["mode"]: r["detail"] for r in records}
+    assert detail["torch_compile"].startswith("torch.compile (inductor")
+    assert detail["hf_eager"] == "transformers GPT2LMHeadModel, eager, SDPA attention"
     for mode in ALL.split(","):  # one line per mode as it finished
         assert sum(line.startswith(mode + " ") for line in stdout.splitlines()) == 1, mode
 
@@ -69,7 +72,7 @@ def test_results_json_schema(every_mode):
     assert torch_rec["threads"]["intra_op"] == torch_rec["host"]["cores"]  # torch threads = cores
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
-    assert md.count("| train |") == 5 and "vs jax_jit" in md and "1.00×" in md
+    assert md.count("| train |") == 6 and "vs jax_jit" in md and "1.00×" in md
     assert "Host malloc: reuse_freed_memory" in md or not sys.platform.startswith("linux")
     with open(os.path.join(out, "results.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -143,6 +146,9 @@ def test_mfu_uses_nanogpts_formula():
     (("--dtype=float16",), "--dtype=float16"),
     # found by the mode's own process, on the device it runs on: still one line and status 2
     (("--modes=jax_jit", "--attention=cudnn", "--steps=1", "--repeats=1", "--warmup=0"), "--attention=cudnn needs"),
+    (("--modes=hf_eager", "--workload=generate", "--sampler=kv", "--steps=1", "--repeats=1", "--warmup=0"),
+     "hf_eager samples by re-running the window"),
+    (("--modes=hf_eager", "--pos_encoding=rope"), "a GPT with learned positions"),
 ])
 def test_bad_bench_input_is_one_line(capsys, shakespeare, args, needle):
     code = cli.main(["bench", "--config=tiny", f"--input={shakespeare}", *args])
@@ -155,6 +161,7 @@ def test_without_torch_the_default_modes_are_jax_only(monkeypatch):
     from gptjax.errors import UserError
 
     assert runner.parse_options({}).modes == runner.MODES  # with torch: every mode, torch_fast among them
+    assert "torch_fast" in runner.MODES and "hf_eager" not in runner.MODES  # transformers' modes when named
     monkeypatch.setattr(runner.util, "find_spec", lambda name: None)
     assert runner.parse_options({}).modes == ("jax_jit", "jax_jit_dp", "jax_eager")
     with pytest.raises(UserError, match="need PyTorch"):

@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from gptjax.bench import jax_modes, torch_modes
+from gptjax.bench import hf_modes, jax_modes, torch_modes
 from gptjax.bench.protocol import Mode
 from gptjax.errors import UserError
 
 # A new mode is one entry in its family's MODES; a new family is a module with a Mode subclass and one entry here.
-MODES: dict[str, Mode] = {m.name: m for m in (*jax_modes.MODES, *torch_modes.MODES)}
+MODES: dict[str, Mode] = {m.name: m for m in (*jax_modes.MODES, *torch_modes.MODES, *hf_modes.MODES)}
 BASELINE = "jax_jit"  # runs first: every other mode's losses and throughput are compared with its
 # The train settings a variant may set, per framework: how the step runs, never what it computes.
 VARIANT_KEYS = {"jax": ("dtype", "matmul", "attention", "step_impl", "mesh", "scan_layers", "remat"),
-                "torch": ("dtype",)}
+                "torch": ("dtype",), "hf": ("dtype",)}
 _VARIANT = re.compile(r"(\w+)(?:\[([^\[\]]*)\])?")
 
 

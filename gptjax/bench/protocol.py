@@ -52,6 +52,7 @@ class Mode:
     one_device: bool = False  # its process sees one XLA CPU device; else one per core (or XLA_FLAGS' own count)
     steps_option: str = "steps"  # the option counting its timed calls per repeat: eager_steps for the slowest
     data_parallel: bool = False  # train's --mesh and --step_impl lay out its step: only such modes take them
+    default: bool = True  # in --modes' default list (when its package is installed); else run when named
 
     framework: ClassVar[str] = ""  # "jax" | "torch": dropout masks, so losses under dropout, agree within one only
     package: ClassVar[str] = ""  # a package its process imports that may be missing ("" when always installed)

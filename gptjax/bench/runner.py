@@ -25,7 +25,7 @@ from gptjax.errors import UserError
 from gptjax.options import OPTIONS
 from gptjax.parallel import HOST_DEVICES_FLAG, cores
 
-MODES = tuple(modes.MODES)  # the names, in the table's order
+MODES = tuple(n for n, m in modes.MODES.items() if m.default)  # the default's names, in the table's order
 WORKLOADS = ("train", "forward", "generate")
 SAMPLERS = ("kv", "reforward")  # generate: KV-cache decode, or the whole window re-run per token
 SWEEP_KEYS = ("batch_size", "block_size", "n_layer", "n_embd")
@@ -55,7 +55,7 @@ def parse_options(opts: dict) -> Options:
     table, given = modes.MODES, set(opts)
     installed = {m.package: util.find_spec(m.package) is not None for m in table.values() if m.package}
     # The default leaves out the modes whose package is missing; naming one of them is refused.
-    default = ",".join(n for n, m in table.items() if installed.get(m.package, True))
+    default = ",".join(n for n, m in table.items() if m.default and installed.get(m.package, True))
     names = tuple(modes.split_names(opts.pop("modes", default)))
     if not names:
         raise UserError(f"--modes: unknown mode '(none)'; use a comma-separated list of {', '.join(table)}")

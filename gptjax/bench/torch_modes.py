@@ -30,6 +30,7 @@ class TorchMode(Mode):
     framework: ClassVar[str] = "torch"
     package: ClassVar[str] = "torch"
     missing: ClassVar[str] = "the torch_* modes need PyTorch: pip install 'gptjax[torch]', or pass --modes=jax_jit,..."
+    label: ClassVar[str] = ""  # the record's detail starts with it: the module, when it is not the twin
 
     def env(self, tmp: str) -> dict[str, str]:
         # An empty inductor cache for every compiled process, so its first call is a cold compile, as JAX's is.
@@ -47,6 +48,16 @@ class TorchMode(Mode):
         path = os.path.join(tmp, "twin.pt")
         torch.save(convert.to_torch_state_dict(params, c), path)
         return {"torch_state": path}
+
+    def build(self, c: ModelConfig, spec: dict):
+        """The module nanoGPT's loop drives, holding the initial weights: the twin."""
+        import torch
+
+        from gptjax.reference.nanogpt import GPT
+
+        twin = GPT(c, sdpa=self.sdpa)
+        twin.load_state_dict(torch.load(spec["torch_state"], weights_only=True))
+        return twin
 
     def run(self, spec: dict) -> Result:
         return _run(self, spec)
@@ -99,7 +110,8 @@ def autocast(fn, device_type: str, dtype: str):
 
 def describe(mode: TorchMode, dtype: str, workload: str, sampler: str | None) -> str:
     """The record's detail: how the mode ran."""
-    parts = [f"torch.compile ({COMPILE_MODE})" if mode.compiled else "eager"]
+    parts = [mode.label] if mode.label else []
+    parts.append(f"torch.compile ({COMPILE_MODE})" if mode.compiled else "eager")
     if mode.sdpa:
         parts.append("SDPA attention")
     if dtype == "bfloat16":
@@ -119,7 +131,7 @@ def _run(mode: TorchMode, spec: dict) -> Result:
 
     from gptjax.config import Config
     from gptjax.parallel import cores
-    from gptjax.reference.nanogpt import GPT, configure_optimizers, train_step
+    from gptjax.reference.nanogpt import configure_optimizers, train_step
 
     config = Config.from_dict(spec["config"])
     c, t = config.model, config.train
@@ -131,8 +143,7 @@ def _run(mode: TorchMode, spec: dict) -> Result:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = resolve_dtype(t.dtype, cuda)
-    twin = GPT(c, sdpa=mode.sdpa)
-    twin.load_state_dict(torch.load(spec["torch_state"], weights_only=True))
+    twin = mode.build(c, spec)
     twin.to(device)
     compiled = mode.compiled
     net = autocast(torch.compile(twin) if compiled else twin, device.type, dtype)
@@ -197,7 +208,8 @@ def _run(mode: TorchMode, spec: dict) -> Result:
         dtype=dtype,
         peak_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         peak_mem_source="torch.cuda.max_memory_allocated" if cuda else None,
-        versions={p: metadata.version(p) for p in ("torch", "numpy")},
+        versions={p: metadata.version(p) for p in ("torch", "numpy", *((mode.package,) if mode.package != "torch"
+                                                                       else ()))},
         threads={"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
         detail=describe(mode, dtype, workload, sampler),
     )
