@@ -160,7 +160,7 @@ def device() -> str:
     if d.platform == "cpu":
         from gptjax import host
 
-        return f"CPU: {host.cpu()['name']}, {os.cpu_count()} cores"
+        return f"CPU: {host.cpu()['name']}, {os.cpu_count()} cores (ISA flags: {host.isa()})"
     return f"{d.platform.upper()}: {getattr(d, 'device_kind', d)} x {jax.device_count()}"
 
 
