@@ -150,7 +150,7 @@ def command_help(command: str, argv: list[str]) -> str:
     shows that preset's (or file's) values."""
     from gptjax import config as cfg
 
-    lines = [f"usage: gptjax {command} [--key=value ...]" + (" FILE.pt" if command in TAKES_FILE else ""), "",
+    lines = [f"usage: gptjax {command} [--key=value ...]" + (" FILE.pt|DIR" if command in TAKES_FILE else ""), "",
              SUMMARY[command], "", "options:", *help_lines(OPTIONS[command])]
     if command in TAKES_CONFIG:
         preset = parse(argv)[0].get("config", DEFAULT_CONFIG)
