@@ -71,8 +71,8 @@ def run(argv: list[str]) -> None:
             summary = train.train(config, force=True, progress=False)
             after = evaluate.evaluate(out, "val", batch, which="latest")
             text = sample.sample(out, max_new_tokens=opts.pick(200, 60, 8), checkpoint="latest", seed=1337)[0]
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            history = [json.loads(line) for line in f]
+        os.makedirs(opts.figures_dir, exist_ok=True)
+        shutil.copy(os.path.join(out, "loss.png"), os.path.join(opts.figures_dir, "loss.png"))  # the run's own plot
     finally:
         shutil.rmtree(work, ignore_errors=True)
     page.text(f"`gptjax train --config=gpt2 --init_from={opts.extra['model']}` with nanoGPT's "
@@ -83,14 +83,7 @@ def run(argv: list[str]) -> None:
     page.table(["", "val loss (nats/token)", "bits/char"],
                [["pretrained", f"{before['loss']:.4f}", f"{before['bits_per_char']:.4f}"],
                 [f"after {summary['steps']} iterations", f"{after['loss']:.4f}", f"{after['bits_per_char']:.4f}"]])
-    plt = research.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("train_loss", "val_loss"):
-        ax.plot([r["step"] for r in history], [r[key] for r in history], marker="o", label=key.replace("_", " "))
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("estimated loss (nats/token)")
-    ax.legend()
-    page.figure(fig, "loss.png", "Loss estimates while finetuning")
+    page.link("loss.png", "Loss estimates while finetuning (the run's loss.png)")
     page.text("A sample after finetuning (temperature 0.8, top-k 200):")
     page.code(text)
     page.write()

@@ -194,8 +194,12 @@ class Page:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        self.lines += [f"![{caption}]({self.opts.script}/{name})", "", f"*{caption}*", ""]
+        self.link(name, caption)
         return path
+
+    def link(self, name: str, caption: str) -> None:
+        """Show OUT/<script>/name, an image already there, with its caption."""
+        self.lines += [f"![{caption}]({self.opts.script}/{name})", "", f"*{caption}*", ""]
 
     def write(self) -> str:
         self.lines.append(f"Run time: {time.perf_counter() - self.started:.0f} s.")

@@ -192,7 +192,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
         _agrees(np.asarray(model.apply(graphdef, params, jnp.asarray(idx))), m, idx, act)
 
 
-def test_import_then_export_is_bit_exact(trained, tmp_path):
+def test_import_then_export_is_bit_exact(trained, untied, tmp_path):
     _, runs = trained
     _, exported = runs["gelu_tanh"]
     r = cli_run("import", "--from=hf", exported, f"--out_dir={tmp_path / 'run'}")
@@ -202,6 +202,16 @@ def test_import_then_export_is_bit_exact(trained, tmp_path):
     for name in os.listdir(exported):
         assert (tmp_path / "again" / name).read_bytes() == (exported / name).read_bytes(), name
     assert rundir.saved_config(str(tmp_path / "run")).model.activation == "gelu_tanh"
+    # transformers' own files (untied head, dropout 0.1) through a run and back: every tensor's bits, the settings
+    r = cli_run("import", "--from=hf", untied[0], f"--out_dir={tmp_path / 'hf-run'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert cli_run("export", f"--out_dir={tmp_path / 'hf-run'}", "--to=hf", tmp_path / "hf-again").returncode == 0
+    want = safetensors_numpy.load_file(os.path.join(untied[0], "model.safetensors"))
+    got = safetensors_numpy.load_file(str(tmp_path / "hf-again" / "model.safetensors"))
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    cfg, again = (json.loads(open(os.path.join(d, "config.json")).read()) for d in (untied[0], tmp_path / "hf-again"))
+    for key in ("resid_pdrop", "tie_word_embeddings", "activation_function", "n_positions", "vocab_size"):
+        assert again[key] == cfg[key], key
 
 
 def test_finetune_from_hf_files_starts_there_resumes_and_samples(saved, tmp_path, shakespeare):

@@ -51,14 +51,7 @@ def check_directory(path: str, example: str) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{path} is a file: the format writes a directory of files; name a directory, e.g. "
                         f"{os.path.join(os.path.dirname(path), example)}")
-    try:
-        writes.probe(path)
-    except NotADirectoryError as e:
-        raise UserError(f"{path}: {e.filename} is a file, so the directory cannot be made; export to another path"
-                        ) from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot write there ({e.strerror or e}); export to a directory you can write to"
-                        ) from None
+    _probe(path, path)
 
 
 def check_target(path: str, example: str) -> None:
@@ -67,7 +60,11 @@ def check_target(path: str, example: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory: name the file to write inside it, e.g. "
                         f"{os.path.join(path, example)}")
-    where = os.path.dirname(os.path.abspath(path))
+    _probe(path, os.path.dirname(os.path.abspath(path)))
+
+
+def _probe(path: str, where: str) -> None:
+    """writes.probe(where) for an export to path; what stops it is one line."""
     try:
         writes.probe(where)
     except NotADirectoryError as e:
