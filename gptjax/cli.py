@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     # fails): the failure reaches the command, which names it in one line.
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    parallel.use_all_cores()
-    parallel.reuse_freed_memory()
+    parallel.process_settings()
     if argv[:1] != ["prepare"]:  # the one command that never imports jax: its start-up stays a fraction of a second
         parallel.use_compilation_cache()
     if not argv or argv[0] in ("-h", "--help", "help"):

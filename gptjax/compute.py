@@ -14,8 +14,9 @@ from gptjax.errors import UserError
 class Compute:
     """How the forward pass runs; static (part of the graphdef), so each setting compiles its own program.
 
-    dtype: the dtype of matmul inputs and their outputs. LayerNorm statistics, softmax, the residual stream, the
-    logits and the loss stay float32, as under torch.autocast; parameters are float32 whatever it is.
+    dtype: the dtype of matmul inputs and their outputs, the LM head's logits and attention's scores included, as
+    under torch.autocast. LayerNorm statistics, softmax, the residual stream and the loss stay float32 (the loss
+    reads the logits in float32); parameters are float32 whatever it is.
     attention: "einsum" (explicit scores, the only path with attention dropout), "xla" or "cudnn" (both through
     jax.nn.dot_product_attention; cudnn is the fused flash kernel and needs a GPU and bfloat16).
     scan: run the blocks with lax.scan over their parameters stacked at call time (compile time flat in depth).

@@ -113,8 +113,9 @@ def rope(x_BTHK, pos):
 
 
 def _einsum_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS, scale, rate, key):
-    """softmax(q·kᵀ·scale, masked) · v: scores and softmax in float32, the weighted sum in q's dtype."""
-    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) * scale
+    """softmax(q·kᵀ·scale, masked) · v: the scores out of their matmul in q's dtype (so both of its backward matmuls
+    run in it too, as under torch.autocast), scaled, masked and softmaxed in float32, the weighted sum in q's dtype."""
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32) * scale
     att_BHTS = jax.nn.softmax(jnp.where(mask_TS, att_BHTS, -jnp.inf), axis=-1)
     att_BHTS = dropout(att_BHTS, rate, key)
     return jnp.einsum("bhts,bshk->bthk", att_BHTS.astype(v_BSHK.dtype), v_BSHK)
@@ -178,7 +179,7 @@ class GPT(nnx.Module):
                                                          compute.matmul)
 
     def __call__(self, idx_BT, key=None):
-        """Logits [B, T, V] in float32; key=None runs without dropout."""
+        """Logits [B, T, V] in the compute dtype (see _logits); key=None runs without dropout."""
         return self.forward(idx_BT, key=key)[1]
 
     def decode(self, idx_BT, cache, pos):
@@ -192,7 +193,8 @@ class GPT(nnx.Module):
         return logits_BTV, cache
 
     def forward(self, idx_BT, cache=None, pos=0, key=None):
-        """(cache, logits [B, T, V] in float32) for tokens at positions pos..pos+T-1; cache None in, None out."""
+        """(cache, logits [B, T, V] in the compute dtype) for tokens at positions pos..pos+T-1; cache None in, None
+        out."""
         T = idx_BT.shape[1]
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
         keys = jax.random.split(key, self.config.n_layer + 1) if key is not None else None
@@ -227,14 +229,14 @@ class GPT(nnx.Module):
         return (None if cache is None else caches), x_BTD
 
     def _logits(self, x_BTD):
+        """The LM head, in the compute dtype like every other matmul: bfloat16 logits out, as torch.autocast gives
+        them. The loss (token_nll) and the sampler read them in float32, and on a GPU the loss's upcast, softmax and
+        gradient fuse into the kernels that read and write them: no float32 logits are ever stored, and both
+        backward matmuls run in bfloat16 (with float32 logits out they ran in float32 on a [tokens, vocab]
+        operand: experiments/results/gpu_inspect.md)."""
         dt = self.compute.jdtype
         w_DV = self.wte.weight[...].T if self.lm_head is None else self.lm_head.weight[...]
-        if dt == jnp.float32:
-            return linear(x_BTD, w_DV, self.compute.matmul)
-        if self.compute.matmul == "mkl":
-            return linear(x_BTD.astype(dt), w_DV.astype(dt), "mkl", jnp.float32)
-        # Low-precision inputs, float32 products: the loss and sampling see float32 logits.
-        return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), w_DV.astype(dt), preferred_element_type=jnp.float32)
+        return linear(x_BTD.astype(dt), w_DV.astype(dt), self.compute.matmul)
 
     def init_cache(self, batch_size: int):
         """Key and value caches for decode, zeros: n_layer x (k, v), each [B, block_size, n_head, head size];
@@ -294,10 +296,17 @@ def init_cache(graphdef, params, batch_size: int):
 
 
 def token_nll(logits_BTV, targets_BT):
-    """Each position's next-token negative log-likelihood in nats, computed in float32: [B, T]."""
+    """Each position's next-token negative log-likelihood in nats, computed in float32 (whatever the logits' dtype):
+    [B, T].
+
+    The target's logit is picked by comparing the vocabulary's indices with the target, not by indexing: its
+    gradient is then a select that fuses with the softmax's, where take_along_axis's is a scatter into a
+    [B, T, V] buffer of zeros. Both pick the same value exactly (the one logit plus zeros).
+    """
     logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    hit_BTV = jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype) == targets_BT[..., None]
+    picked_BT = jnp.sum(jnp.where(hit_BTV, logits_BTV, 0.0), axis=-1)
     return lse_BT - picked_BT
 
 

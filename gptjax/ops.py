@@ -56,8 +56,8 @@ def _linear_bwd(matmul, out_dtype, mesh, res, g):
     # Other backends run their dots as library calls and get no such fusion, so they go without it; the kernel
     # is a call of its own too.
     x, w = res
-    if matmul == "xla" and jax.default_backend() == "cpu":
-        g = jax.lax.optimization_barrier(g)
+    if matmul == "xla":  # decided by the platform the program is lowered for, not the default backend
+        g = jax.lax.platform_dependent(g, cpu=jax.lax.optimization_barrier, default=lambda g: g)
     if out_dtype is not None:
         g = g.astype(x.dtype)
     return (_matmul(g, w, matmul, x.dtype, mesh, trans_b=True),

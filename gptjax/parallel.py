@@ -4,9 +4,9 @@ the three forms of the train step (sharded jit, shard_map, pmap). Multi-host sta
 Mesh axes: `dp` replicates the state and splits the batch; `fsdp` splits the batch too, and also splits each
 parameter and AdamW moment of >= 2 dimensions along its largest axis that divides evenly (small ones replicated).
 
-Also the process settings every gptjax entry point applies: `use_all_cores` and `reuse_freed_memory` (for a CPU
-host) and `use_compilation_cache`. jax is imported inside the functions so that `use_all_cores` can run before jax
-initialises its backends.
+Also the process settings every gptjax entry point applies (`process_settings`: `use_all_cores` and
+`reuse_freed_memory` for a CPU host, gpu.py's for an NVIDIA GPU) and `use_compilation_cache`. jax is imported
+inside the functions so that `use_all_cores` can run before jax initialises its backends.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def use_all_cores() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={cores()}".strip()
 
 
+def process_settings() -> bool:
+    """What every gptjax entry point sets before jax starts: use_all_cores, gpu.skip_absent_gpu, gpu.use_gpu_flags
+    and reuse_freed_memory; returns whether the last was applied."""
+    from gptjax import gpu
+
+    use_all_cores()
+    gpu.skip_absent_gpu()
+    gpu.use_gpu_flags()
+    return reuse_freed_memory()
+
+
 # mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MALLOC_ENV = "GPTJAX_MALLOC"
@@ -51,9 +62,13 @@ def reuse_freed_memory(limit: int = 1 << 30) -> bool:
     Here blocks up to `limit` come from the heap, the heap keeps up to `limit` free bytes, and all threads share
     the main arena, whose heap has no size cap. The cost: after a peak, up to `limit` freed bytes stay resident.
 
-    Applied once per process on glibc; GPTJAX_MALLOC=default leaves malloc as it is. Returns whether applied.
+    Applied once per process on glibc, where jax will run on the CPU: not where it will start on an NVIDIA GPU
+    (gpu.gpu_expected), whose compiler and autotuner run in thread pools that one arena would serialise, and whose step
+    buffers live on the device. GPTJAX_MALLOC=default leaves malloc as it is. Returns whether applied.
     """
-    if os.environ.get(MALLOC_ENV, "") == "default" or not sys.platform.startswith("linux"):
+    from gptjax import gpu
+
+    if os.environ.get(MALLOC_ENV, "") == "default" or not sys.platform.startswith("linux") or gpu.gpu_expected():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

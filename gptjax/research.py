@@ -223,9 +223,10 @@ def pyplot():
 
 def main(run, argv: list[str] | None = None) -> int:
     """Run a script's `run(argv)`, turning a UserError into one line and exit status 2, as the CLI does."""
-    from gptjax import parallel
+    from gptjax import gpu, parallel
 
     parallel.use_all_cores()
+    gpu.skip_absent_gpu()
     parallel.use_compilation_cache()
     try:
         run(sys.argv[1:] if argv is None else argv)

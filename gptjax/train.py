@@ -83,7 +83,7 @@ def _loop(run: Run, prep: data.Prepared, graphdef, tx, layout: parallel.Layout, 
     t, m, mesh = config.train, config.model, layout.mesh
     train_tokens, val_tokens = prep.tokens("train"), prep.tokens("val")
     train_step = make_train_step(graphdef, tx, t, mesh, t.step_impl, state)
-    estimate = evaluate.make_estimate_loss(graphdef, mesh, state.params)
+    estimate = evaluate.make_estimate(config, mesh, state.params)
     eval_layout = parallel.Layout(mesh)  # estimates run the sharded jit on the global-form state, for every backend
     say = print if run.lead else (lambda *a, **k: None)  # only process 0 prints
     say(_describe(config, prep, state.params, mesh))

@@ -69,7 +69,7 @@ def test_bfloat16_stays_within_its_bound_of_float32():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
     graphdef16 = model.graphdef_for(CFG, Compute(dtype="bfloat16"))
     logits = model.apply(graphdef16, params, _batch()[0])
-    assert logits.dtype == jnp.float32
+    assert logits.dtype == jnp.bfloat16  # as torch.autocast gives them; the loss reads them in float32
     # Every matmul of the forward pass (4 projections and 2 attention products per layer, the head) is bfloat16.
     dots = _dot_dtypes(jax.make_jaxpr(lambda p: model.apply(graphdef16, p, _batch()[0]))(params).jaxpr)
     assert len(dots) == 6 * CFG.n_layer + 1 and set(dots) == {"bfloat16"}, dots

@@ -18,6 +18,39 @@ def test_cli_exposes_one_device_per_core(monkeypatch):
     assert os.environ["XLA_FLAGS"] == f"{parallel.HOST_DEVICES_FLAG}=3"
 
 
+def test_gpu_flags_are_added_unless_the_user_set_them(monkeypatch):
+    import os
+
+    from gptjax import gpu
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    gpu.use_gpu_flags()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false", *gpu.GPU_XLA_FLAGS]
+    mine = "--xla_gpu_enable_triton_gemm=true"
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    gpu.use_gpu_flags()
+    assert os.environ["XLA_FLAGS"] == mine  # the user's choice stands
+
+
+def test_malloc_is_left_alone_where_jax_will_run_on_a_gpu(monkeypatch):
+    """reuse_freed_memory is for XLA:CPU's per-step buffers; on a GPU host it would serialise the GPU compiler's
+    threads on one arena. (Only the decision is checked here: mallopt's effect is MALLOC_SCRIPT's.)"""
+    from gptjax import gpu, parallel
+
+    monkeypatch.delenv(parallel.MALLOC_ENV, raising=False)
+    monkeypatch.setattr(gpu, "gpu_expected", lambda: True)
+    assert parallel.reuse_freed_memory() is False
+    monkeypatch.undo()
+    monkeypatch.setattr(gpu, "cuda_plugin_installed", lambda: True)
+    monkeypatch.setattr(gpu, "nvidia_driver_present", lambda: True)
+    for platforms, expected in (("", True), ("cuda", True), ("cpu", False), ("cpu,cuda", True)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert gpu.gpu_expected() is expected, platforms
+    monkeypatch.setattr(gpu, "nvidia_driver_present", lambda: False)
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert gpu.gpu_expected() is False
+
+
 MALLOC_SCRIPT = textwrap.dedent("""
     import ctypes, threading
     from gptjax import cli

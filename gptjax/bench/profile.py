@@ -172,8 +172,7 @@ def main(argv: list[str]) -> int:
     from gptjax.errors import UserError
     from gptjax.options import CONFIG_OPTION
 
-    parallel.use_all_cores()
-    parallel.reuse_freed_memory()
+    parallel.process_settings()
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -37,6 +37,7 @@ class Result:
     step_impl: str | None = None  # a data-parallel mode's train step implementation [step_impl]
     param_bytes_per_device: int | None = None  # a data-parallel train step's largest parameter share [same]
     malloc: str | None = None  # the worker's malloc settings [malloc]
+    xla_flags: str | None = None  # the worker's XLA_FLAGS, gptjax's GPU flags included [xla_flags]
     matmul: str | None = None  # JAX: how the linear layers' products ran, xla | mkl (Compute.matmul) [matmul]
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ FIELDS = {
     "host": "cpu model and flags, cores",
     "versions": "python and the framework packages the mode imported",
     "malloc": "reuse_freed_memory (glibc keeps freed step buffers, as every gptjax command does) or default",
+    "xla_flags": "the mode's XLA_FLAGS, with the GPU flags every gptjax command adds (gptjax.gpu.GPU_XLA_FLAGS)",
     "threads": "PyTorch's intra-op and inter-op threads; null for JAX",
     "steps": "timed calls per repeat",
     "warmup": "untimed calls after the first",
@@ -160,6 +161,9 @@ def markdown(records: list[dict], command: str) -> str:
     mallocs = sorted({r["malloc"] for r in ok if r.get("malloc")})
     if mallocs:
         notes.insert(-1, f"Host malloc: {', '.join(mallocs)} (see gptjax.parallel.reuse_freed_memory).")
+    xla_flags = sorted({r["xla_flags"] for r in ok if r.get("xla_flags")})
+    if xla_flags:
+        notes.insert(-1, "XLA_FLAGS: " + "; ".join(f"`{f}`" for f in xla_flags) + ".")
     threads = [r["threads"] for r in ok if r["threads"]]
     if threads:
         notes.insert(-1, f"PyTorch threads: {threads[0]['intra_op']} intra-op, {threads[0]['inter_op']} inter-op.")

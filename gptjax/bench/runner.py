@@ -210,7 +210,8 @@ def _record(mode: str, sampler: str | None, o: Options, point: dict, config: Con
     median = statistics.median(runs_ms)
     tps = res.tokens_per_call / (median / 1e3)
     rec.update(detail=res.detail, dtype=res.dtype, device=res.device, devices=res.devices,
-               threads=res.threads, malloc=res.malloc, versions={**rec["versions"], **res.versions},
+               threads=res.threads, malloc=res.malloc, xla_flags=res.xla_flags,
+               versions={**rec["versions"], **res.versions},
                step_ms={"median": median, "min": min(runs_ms), "max": max(runs_ms), "runs": runs_ms},
                tokens_per_step=res.tokens_per_call, tokens_per_sec=tps, first_call_s=res.first_call_s,
                mfu=flops.mfu(o.workload, c, n_params, tps, res.device, res.dtype),

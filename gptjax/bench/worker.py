@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 from gptjax.bench import modes
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     from gptjax import parallel
     from gptjax.errors import UserError
 
-    malloc = "reuse_freed_memory" if parallel.reuse_freed_memory() else "default"
+    malloc = "reuse_freed_memory" if parallel.process_settings() else "default"
     spec_path, result_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     if result.peak_mem_bytes is None:
         result = dataclasses.replace(result, peak_mem_bytes=peak_rss_bytes(), peak_mem_source="process peak RSS")
     with open(result_path, "w") as f:
-        json.dump(dataclasses.replace(result, malloc=malloc).to_dict(), f)
+        json.dump(dataclasses.replace(result, malloc=malloc, xla_flags=os.environ.get("XLA_FLAGS", "")).to_dict(), f)
     return 0
 
 
