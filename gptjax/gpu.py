@@ -12,20 +12,41 @@ import os
 GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 
 
-def cuda_plugin_installed() -> bool:
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")  # jax[cuda12] and jax[cuda13]
+
+
+def _installed(module: str) -> bool:
     from importlib import util
 
     try:
-        return util.find_spec("jax_plugins.xla_cuda12") is not None
+        return util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
 
 
+def cuda_plugin_installed() -> bool:
+    return any(_installed(m) for m in CUDA_PLUGINS)
+
+
+def other_accelerator_installed() -> bool:
+    """A jax plugin for another accelerator (libtpu, a ROCm or other PJRT plugin) besides the CUDA ones."""
+    import pkgutil
+
+    if _installed("libtpu"):
+        return True
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    return any(f"jax_plugins.{m.name}" not in CUDA_PLUGINS for m in pkgutil.iter_modules(jax_plugins.__path__))
+
+
 def nvidia_driver_present() -> bool:
-    """An NVIDIA driver's device files or its /proc entry (what a CUDA process needs to see a GPU)."""
+    """An NVIDIA driver's device files or its /proc entry, or WSL2's GPU device (what a CUDA process needs)."""
     import glob
 
-    return os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
+    return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+            or bool(glob.glob("/dev/nvidia[0-9]*")))
 
 
 def gpu_expected() -> bool:
@@ -36,10 +57,11 @@ def gpu_expected() -> bool:
 
 
 def skip_absent_gpu() -> bool:
-    """JAX_PLATFORMS=cpu where it is unset, jax's CUDA plugin is installed (gptjax[cuda], for bench.inspect) and
-    there is no NVIDIA driver: jax would print the plugin's failed start, a traceback, before falling back to the
-    CPU. Returns whether set."""
-    if "JAX_PLATFORMS" in os.environ or not cuda_plugin_installed() or nvidia_driver_present():
+    """JAX_PLATFORMS=cpu where it is unset, jax's CUDA plugin is installed (gptjax[cuda], for bench.inspect), there
+    is no NVIDIA driver and no other accelerator's plugin: jax would print the CUDA plugin's failed start, a
+    traceback, before falling back to the CPU. Returns whether set."""
+    if ("JAX_PLATFORMS" in os.environ or not cuda_plugin_installed() or nvidia_driver_present()
+            or other_accelerator_installed()):
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
     return True
@@ -48,8 +70,6 @@ def skip_absent_gpu() -> bool:
 def use_gpu_flags() -> None:
     """Add GPU_XLA_FLAGS to XLA_FLAGS, each unless XLA_FLAGS already sets that flag (so a user's choice stands). Only
     XLA's GPU backend reads them; no effect once jax has started."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    for flag in GPU_XLA_FLAGS:
-        if flag.split("=")[0] not in flags:
-            flags = f"{flags} {flag}".strip()
-    os.environ["XLA_FLAGS"] = flags
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=")[0] for f in flags}
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in names])

@@ -301,13 +301,16 @@ def token_nll(logits_BTV, targets_BT):
 
     The target's logit is picked by comparing the vocabulary's indices with the target, not by indexing: its
     gradient is then a select that fuses with the softmax's, where take_along_axis's is a scatter into a
-    [B, T, V] buffer of zeros. Both pick the same value exactly (the one logit plus zeros).
+    [B, T, V] buffer of zeros. For a target in the vocabulary both pick the same value exactly (the one logit plus
+    zeros); a target outside it gives NaN, as indexing out of bounds did, so a bad batch cannot train silently.
     """
     logits_BTV = logits_BTV.astype(jnp.float32)
+    V = logits_BTV.shape[-1]
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    hit_BTV = jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype) == targets_BT[..., None]
+    targets_BT = targets_BT.astype(jnp.int32)
+    hit_BTV = jnp.arange(V, dtype=jnp.int32) == targets_BT[..., None]
     picked_BT = jnp.sum(jnp.where(hit_BTV, logits_BTV, 0.0), axis=-1)
-    return lse_BT - picked_BT
+    return jnp.where((targets_BT >= 0) & (targets_BT < V), lse_BT - picked_BT, jnp.nan)
 
 
 def cross_entropy(logits_BTV, targets_BT):

@@ -227,6 +227,7 @@ def main(run, argv: list[str] | None = None) -> int:
 
     parallel.use_all_cores()
     gpu.skip_absent_gpu()
+    gpu.use_gpu_flags()
     parallel.use_compilation_cache()
     try:
         run(sys.argv[1:] if argv is None else argv)

@@ -12,12 +12,13 @@ import pytest
 
 from gptjax import gpu
 from gptjax.bench import hlo, inspect
+from gptjax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_plugin = pytest.mark.skipif(not gpu.cuda_plugin_installed(),
                                   reason="jax's CUDA plugin is not installed (pip install -e '.[cuda]')")
-# GPT-2 small's widths and vocabulary (50304) at a depth of 2: the LM head and loss as the gpt2 preset has them.
-SHAPE = ["--config=gpt2", "--n_layer=2", "--batch_size=4", "--gradient_accumulation_steps=1", "--dtype=bfloat16"]
+# GPT-2 small's widths and vocabulary (50304) at a depth of 1: the LM head and loss as the gpt2 preset has them.
+SHAPE = ["--config=gpt2", "--n_layer=1", "--batch_size=4", "--gradient_accumulation_steps=1", "--dtype=bfloat16"]
 
 
 def _inspect(tmp_path, *args) -> list[dict]:
@@ -50,11 +51,11 @@ def test_the_bfloat16_step_has_no_float32_gemm_logits_or_scatter(reports, path):
     # Every GEMM is there: per layer 4 forward and 8 backward in the projections, the head's 3; on the einsum path
     # also attention's 2 forward and 4 backward (cuDNN runs those inside its own calls).
     per_layer = 12 + (6 if path == "einsum" else 0)
-    assert sum(g["count"] for g in gemms) == 2 * per_layer + 3, gemms
+    assert sum(g["count"] for g in gemms) == per_layer + 3, gemms
     for g in gemms:
         assert g["where"].startswith("__cublas"), g  # gptjax's GPU flags (gpu.GPU_XLA_FLAGS): no Triton GEMMs
         assert "f32" not in (g["lhs"][:3], g["rhs"][:3]), g  # bf16 operands, attention's scores included
-        assert "dimension not a multiple of 8" not in g["flags"], g
+        assert "dimension not a multiple of 8" not in g["flags"] and not any("padded" in f for f in g["flags"]), g
     head = [g for g in gemms if "vocabulary-sized" in g["flags"]]
     assert sum(g["count"] for g in head) == 3 and all(g["lhs"].startswith("bf16") for g in head), head
     assert r["logits_sized_f32"] == [], r["logits_sized_f32"]
@@ -67,7 +68,7 @@ def test_the_bfloat16_step_has_no_float32_gemm_logits_or_scatter(reports, path):
 def test_the_estimate_runs_cudnn_attention_without_dropout(reports):
     """Training with attention dropout runs the einsum path; its loss estimates, with none, run cuDNN's."""
     r = reports["estimate"]
-    assert r["compute"]["attention"] == "cudnn" and r["kernel_kinds"].get("__cudnn$fmhaSoftmax", 0) == 2
+    assert r["compute"]["attention"] == "cudnn" and r["kernel_kinds"].get("__cudnn$fmhaSoftmax", 0) == 1
 
 
 def _elements(array) -> int:
@@ -155,6 +156,8 @@ ENTRY %main (x: bf16[64,32], w: bf16[100,32], w2: bf16[32,100], i: s32[64,1]) ->
     # an in-place update moves the row (read and written) and its index, not the 6-row buffer; a slice, likewise
     assert moved["dus"] == 256 + 4 + 256 and moved["ds"] == 256 + 4 + 256
     assert moved["c"] == 2 * 64 * 32 * 2 and moved["f"] == 64 * 32 * 2 + 32 * 100 * 2 + 64 * 100 * 4
+    assert moved["g"] == 64 * 32 * 2 + 100 * 32 * 2 + 64 * 100 * 2  # cuBLAS's s8 workspace is no traffic
+    assert [x["shape"] for x in a["launches"] if x["name"] == "g"] == ["(bf16[64,100], s8[4])"]
     dot_flops = {x["name"]: x["flops"] for x in a["launches"]}
     assert dot_flops["f"] == 2 * 64 * 100 * 32 and dot_flops["g"] == 2 * 64 * 100 * 32 and dot_flops["s"] == 0
 
@@ -162,13 +165,22 @@ ENTRY %main (x: bf16[64,32], w: bf16[100,32], w2: bf16[32,100], i: s32[64,1]) ->
 def test_bad_options_are_one_line(tmp_path, monkeypatch):
     for args, words in ((["--target=v100"], "--target=v100: use one of h100, h200, a100"),
                         (["--programs=train,backward"], "--programs=train,backward"),
-                        (["--config=shakespeare_char", "--input=/x.txt"], "pass --vocab_size=N")):
+                        (["--config=shakespeare_char", "--input=/x.txt"], "pass --vocab_size=N"),
+                        ([f"--json={tmp_path}/no/such/dir/r.json"], "name a file in a directory that exists")):
         p = subprocess.run([sys.executable, "-m", "gptjax.bench.inspect", *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, p.stderr
     monkeypatch.setattr(gpu, "cuda_plugin_installed", lambda: False)
-    with pytest.raises(Exception, match=r'pip install "gptjax\[cuda\]"'):
+    with pytest.raises(UserError, match=r'pip install "gptjax\[cuda\]"'):
         inspect.topology("h100")
+
+
+def test_a_vocabulary_xla_pads_is_flagged():
+    """A vocabulary that is no multiple of 8 reaches cuBLAS padded by XLA (a copy a step): the flags say so."""
+    g = {"lhs": "bf16[16384,768]", "rhs": "bf16[768,50264]", "dims": [16384, 768, 50264]}
+    assert inspect._gemm_flags(g, 50257) == ["vocabulary-sized", "vocabulary padded by XLA (50257 -> 50264: a copy "
+                                                                 "a step)"]
+    assert inspect._gemm_flags(dict(g, dims=[16384, 768, 50304]), 50304) == ["vocabulary-sized"]
 
 
 def test_an_absent_gpu_starts_jax_on_the_cpu_without_a_traceback():
@@ -179,7 +191,8 @@ def test_an_absent_gpu_starts_jax_on_the_cpu_without_a_traceback():
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     code = "import jax; print(jax.devices()[0].platform)"
     bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "Traceback" in bare.stderr  # what the test guards against
+    if "Traceback" not in bare.stderr:
+        pytest.skip("this jax starts quietly without a GPU by itself")
     quiet = subprocess.run([sys.executable, "-c", "import gptjax; " + code], capture_output=True, text=True,
                            env=env, timeout=120)
     assert quiet.stdout.strip() == "cpu" and "Traceback" not in quiet.stderr, quiet.stderr

@@ -242,3 +242,25 @@ def test_pos_encoding_is_checked():
     with pytest.raises(UserError, match="head size n_embd/n_head=3 must be even"):
         validate(Config(model=dataclasses.replace(CFG, n_embd=12, pos_encoding="rope")))
     validate(Config(model=dataclasses.replace(CFG, pos_encoding="rope")))
+
+
+def test_token_nll_picks_the_target_exactly_and_refuses_targets_outside_the_vocabulary():
+    """The pick is an iota compare (its gradient a select, not a scatter): for every target in the vocabulary it
+    gives lse - logit[target] bit for bit, gradient included; outside it (-1, V) NaN, as indexing out of bounds
+    did, so a bad batch shows in the divergence check instead of training on a logsumexp."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(4 * rng.normal(size=(2, 7, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 7)), jnp.int32)
+
+    def by_index(lg, t):
+        return jax.nn.logsumexp(lg, axis=-1) - jnp.take_along_axis(lg, t[..., None], axis=-1)[..., 0]
+
+    np.testing.assert_array_equal(model.token_nll(logits, targets), by_index(logits, targets))
+    g_pick, g_index = (jax.grad(lambda lg, f=f: f(lg, targets).sum())(logits) for f in (model.token_nll, by_index))
+    np.testing.assert_array_equal(g_pick, g_index)
+    bad = targets.at[0, 3].set(-1).at[1, 5].set(11)
+    nll = np.asarray(model.token_nll(logits, bad))
+    assert np.isnan(nll[0, 3]) and np.isnan(nll[1, 5]) and np.isfinite(nll).sum() == nll.size - 2
+    wide = jnp.asarray(rng.normal(size=(1, 4, 300)), jnp.float32)  # a uint8 iota would wrap: 256 == 0
+    small = jnp.asarray([[0, 1, 44, 255]], jnp.uint8)
+    np.testing.assert_array_equal(model.token_nll(wide, small), by_index(wide, small.astype(jnp.int32)))

@@ -99,3 +99,27 @@ def test_cli_keeps_freed_step_buffers_for_reuse():
     assert main_thread >= 48 << 20 and worker >= 96 << 20
     # from the heap, and kept there (not trimmed) for the next step
     assert _mmapped_step_buffers({"GPTJAX_MALLOC": ""}) == [0, 0, 1]
+
+
+def test_jax_is_sent_to_the_cpu_only_where_no_accelerator_can_start(monkeypatch):
+    """skip_absent_gpu: JAX_PLATFORMS=cpu with the CUDA plugin installed and neither an NVIDIA driver nor another
+    accelerator's plugin (libtpu, ROCm); never over the user's own JAX_PLATFORMS."""
+    import os
+
+    from gptjax import gpu
+
+    def decide(plugin=True, driver=False, other=False, platforms=None):
+        monkeypatch.setattr(gpu, "cuda_plugin_installed", lambda: plugin)
+        monkeypatch.setattr(gpu, "nvidia_driver_present", lambda: driver)
+        monkeypatch.setattr(gpu, "other_accelerator_installed", lambda: other)
+        if platforms is None:
+            monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+        else:
+            monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        return gpu.skip_absent_gpu(), os.environ.get("JAX_PLATFORMS")
+
+    assert decide() == (True, "cpu")
+    assert decide(driver=True) == (False, None)
+    assert decide(other=True) == (False, None)
+    assert decide(plugin=False) == (False, None)
+    assert decide(platforms="cuda") == (False, "cuda")

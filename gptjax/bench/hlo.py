@@ -124,13 +124,27 @@ def gemm(inst: Instruction, shapes: dict, where: str) -> dict:
 
 def attention_flops(inst: Instruction, shapes: dict) -> int:
     """A cuDNN attention call's matmul FLOPs: 2 GEMMs forward, 5 backward (recomputed scores, dV, dP, dQ, dK), each
-    2·B·H·T·S·K for q [B, T, H, K], halved under a causal mask."""
-    q = shapes.get(inst.operands[0]) if inst.operands else None
-    if not q or len(q[0][1]) != 4:
+    2·B·H·T·S·K for q [B, T, H, K] and k [B, S, H, K], halved under a causal mask (an approximation when S > T)."""
+    q, k = (shapes.get(o) for o in (inst.operands + ["", ""])[:2])
+    if not q or not k or len(q[0][1]) != 4 or len(k[0][1]) != 4:
         return 0
-    B, T, H, K = q[0][1]
+    (B, T, H, K), S = q[0][1], k[0][1][1]
     gemms = 5 if "Backward" in inst.attrs else 2
-    return int(gemms * 2 * B * H * T * T * K * (0.5 if "CAUSAL" in inst.attrs else 1.0))
+    return int(gemms * 2 * B * H * T * S * K * (0.5 if "CAUSAL" in inst.attrs else 1.0))
+
+
+def results(inst: Instruction) -> list[tuple[str, tuple[int, ...]]]:
+    """What an instruction produces, without the scratch space a library call returns as its last tuple element
+    (cuBLAS's and cuDNN's s8/u8 workspace)."""
+    library = inst.op == "custom-call" and (inst.attr("custom_call_target") or "").startswith(("__cublas", "__cudnn"))
+    if library and len(inst.arrays) > 1 and inst.arrays[-1][0] in ("s8", "u8"):
+        return inst.arrays[:-1]
+    return inst.arrays
+
+
+def shape_text(inst: Instruction) -> str:
+    """The result's shape without layouts: 'bf16[16384,50304]', or a tuple '(f32[6,64], s32[])'."""
+    return re.sub(r"\{[^}]*\}", "", inst.shape)[:160]
 
 
 def fusion_bytes(inst: Instruction, comps, shapes: dict) -> int:
@@ -164,7 +178,7 @@ def analyse(text: str, vocab_sizes: tuple[int, ...], tokens: int) -> dict:
     FLOPs (GEMMs and cuDNN attention) and bytes (fusion_bytes) with how many times a run launches it, and the float32
     buffers with a vocabulary-sized dimension of at least tokens x vocabulary elements (logits-sized)."""
     comps = parse(text)
-    shapes = {i.name: i.arrays for body in comps.values() for i in body.values()}  # names are module-unique
+    shapes = {i.name: results(i) for body in comps.values() for i in body.values()}  # names are module-unique
     caller = {}  # fused computation -> the kind of the fusion that calls it (nested ones inherit it)
     for body in comps.values():
         for i in body.values():
@@ -212,11 +226,10 @@ def analyse(text: str, vocab_sizes: tuple[int, ...], tokens: int) -> dict:
                 kind = (i.attr("custom_call_target") or "custom-call") if i.op == "custom-call" else i.op
                 flops = (gemm(i, shapes, kind)["flops"] if kind.startswith("__cublas")
                          else attention_flops(i, shapes) if kind.startswith("__cudnn$fmha") else 0)
-                moved = sum(nbytes(shapes.get(o, [])) for o in i.operands) + nbytes(i.arrays)
+                moved = sum(nbytes(shapes.get(o, [])) for o in i.operands) + nbytes(results(i))
             kinds[kind] += 1
-            launches.append({"name": i.name, "kind": kind, "shape": i.shape.split("{")[0][:120],
-                             "out_bytes": nbytes(i.arrays), "bytes": moved, "flops": flops, "arrays": i.arrays,
-                             "runs": runs})
+            launches.append({"name": i.name, "kind": kind, "shape": shape_text(i), "out_bytes": nbytes(results(i)),
+                             "bytes": moved, "flops": flops, "arrays": results(i), "runs": runs})
     logits_sized = [x for x in launches for d, dims in x["arrays"]
                     if d == "f32" and set(dims) & set(vocab_sizes) and math.prod(dims) >= tokens * min(vocab_sizes)]
     return {"kernels": dict(kinds), "launches": launches, "gemms": gemms, "scatters": scatters,

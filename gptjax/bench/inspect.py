@@ -48,8 +48,8 @@ def _environment() -> None:
 # ---- the programs, compiled for the abstract device -------------------------------------------------------------
 
 def _patch_cudnn_checks() -> None:
-    """cuDNN attention checks the installed cuDNN and the device's compute capability while tracing; with no
-    device, both are taken as the target config says (cuDNN 9, the device's own capability)."""
+    """cuDNN attention checks the installed cuDNN and the device's compute capability while tracing; with no device,
+    both checks pass whatever the target, so an A100 target is not held to its narrower head-size limits."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     fa.check_cudnn_version = lambda *a, **k: None
@@ -105,6 +105,7 @@ def compile_programs(config, target: str, programs=PROGRAMS) -> dict:
 
     from gptjax import evaluate, model, optim, sample, train
     from gptjax.compute import resolve_compute
+    from gptjax.errors import UserError
 
     _patch_cudnn_checks()
     topo = topology(target)
@@ -125,7 +126,7 @@ def compile_programs(config, target: str, programs=PROGRAMS) -> dict:
     for name in programs:
         training = name == "train"
         compute = resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, c.dropout if training else 0.0,
-                                  device=device, matmul="xla")
+                                  device=device, matmul=t.matmul)
         graphdef = model.graphdef_for(c, compute)
         if name == "train":
             tx = optim.make_optimizer(t, params)
@@ -140,9 +141,14 @@ def compile_programs(config, target: str, programs=PROGRAMS) -> dict:
                 g, c.block_size, 256, None, p, prompt, k, jnp.float32(1.0), kv_cache=True))
             args = (abstract(params), arr((1, 1), jnp.int32), key)
         tick = time.perf_counter()
-        lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+            lowered_at = time.perf_counter()
+            compiled = lowered.compile()
+        except (NotImplementedError, jax.errors.JaxRuntimeError) as e:  # cuDNN's limits, XLA's refusals
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"the {name} program cannot be built for {TARGETS[target][1]} with these settings: "
+                            f"{first}") from None
         out[name] = {"lowered": lowered, "compiled": compiled, "lower_s": lowered_at - tick,
                      "compile_s": time.perf_counter() - lowered_at, "compute": compute}
     return out
@@ -154,13 +160,20 @@ def _fmt_array(a) -> str:
     return f"{a[0]}[{','.join(map(str, a[1]))}]"
 
 
-def _gemm_flags(g: dict, vocab_sizes) -> list[str]:
+def _padded(v: int) -> int:
+    """XLA pads a cuBLAS GEMM's dimensions to a multiple of 8 (16 bytes of bf16)."""
+    return -(-v // 8) * 8
+
+
+def _gemm_flags(g: dict, vocab: int) -> list[str]:
     flags = []
     if "f32" in (g["lhs"][0], g["rhs"][0]):
         flags.append("float32 operands")
     dims = set(g["dims"])  # M, N and K: batch dimensions are not tiled
-    if dims & set(vocab_sizes):
+    if dims & {vocab, _padded(vocab)}:
         flags.append("vocabulary-sized")
+    if _padded(vocab) != vocab and _padded(vocab) in dims:
+        flags.append(f"vocabulary padded by XLA ({vocab} -> {_padded(vocab)}: a copy a step)")
     if any(d % 8 for d in dims):
         flags.append("dimension not a multiple of 8")
     return flags
@@ -176,22 +189,22 @@ def summarize(name: str, entry: dict, config, target: str) -> dict:
     compiled, lowered = entry["compiled"], entry["lowered"]
     B, T = t.batch_size, c.block_size
     tokens = {"train": t.gradient_accumulation_steps * B * T, "estimate": t.eval_iters * B * T, "sample": 1}[name]
-    vocab_sizes = tuple(sorted({c.vocab_size}))
-    a = hlo.analyse(compiled.as_text(), vocab_sizes, B * T)
+    a = hlo.analyse(compiled.as_text(), (c.vocab_size, _padded(c.vocab_size)), B * T)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or lowered.cost_analysis() or {}
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     peak = flops_mod.PEAK_TFLOPS[{"h100": "H100", "h200": "H200", "a100": "A100"}[target]]
+    dtype = "bfloat16" if entry["compute"].dtype == "bfloat16" else "float32"  # float32: the TF32 peak
     bandwidth = _target_bandwidth(target)
     bound_s = 0.0
     for x in a["launches"]:
-        bound_s += x["runs"] * max(x["flops"] / (peak["bfloat16"] * 1e12), x["bytes"] / bandwidth)
+        bound_s += x["runs"] * max(x["flops"] / (peak[dtype] * 1e12), x["bytes"] / bandwidth)
     gemm_rows = {}
     for g in a["gemms"]:
         k = (g["where"], _fmt_array(g["lhs"]), _fmt_array(g["rhs"]), _fmt_array(g["out"]))
         row = gemm_rows.setdefault(k, {"where": k[0], "lhs": k[1], "rhs": k[2], "out": k[3], "count": 0,
-                                       "gflops": 0.0, "flags": _gemm_flags(g, vocab_sizes)})
+                                       "gflops": 0.0, "flags": _gemm_flags(g, c.vocab_size)})
         row["count"] += 1
         row["gflops"] += g["flops"] / 1e9
     model_flops = None
@@ -221,7 +234,7 @@ def summarize(name: str, entry: dict, config, target: str) -> dict:
         "launches_per_run": sum(x["runs"] for x in a["launches"]),
         "roofline_ms": bound_s * 1e3, "model_tflops": None if model_flops is None else model_flops / 1e12,
         "mfu_ceiling": None if model_flops is None or not bound_s
-        else model_flops / bound_s / (peak["bfloat16"] * 1e12),
+        else model_flops / bound_s / (peak[dtype] * 1e12), "peak": dtype,
         "tokens": tokens, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
@@ -241,7 +254,8 @@ def render(s: dict) -> str:
              f"(this machine's CPU, {os.cpu_count()} cores; XLA_FLAGS `{s['xla_flags']}`)",
              f"- kernels and library calls launched: {s['kernels']} "
              f"({', '.join(f'{k} {v}' for k, v in sorted(s['kernel_kinds'].items(), key=lambda kv: -kv[1]))})",
-             f"- GEMMs: {sum(r['count'] for r in s['gemms'])}, {s['gemm_tflops']:.2f} TFLOP; float32-operand "
+             f"- GEMMs in the program (a loop body's once; matrix-vector products XLA turned into reductions are not "
+             f"GEMMs): {sum(r['count'] for r in s['gemms'])}, {s['gemm_tflops']:.2f} TFLOP; float32-operand "
              f"GEMMs {s['f32_gemms']} (vocabulary-sized {s['vocab_f32_gemms']}); with a dimension not a multiple of "
              f"8: {s['unaligned_gemms']}",
              f"- scatters: {len(s['scatters'])}"
@@ -252,7 +266,7 @@ def render(s: dict) -> str:
                                              for k, v in s["memory"].items()),
              f"- XLA's cost analysis: {', '.join(f'{k} {v:.3g}' for k, v in s['xla_cost'].items()) or 'none'}",
              f"- roofline bound (not a measurement): {s['roofline_ms']:.2f} ms a run of the program, kernel by kernel "
-             f"the longer of its FLOPs at the bf16 peak and its operands and results at the memory bandwidth: "
+             f"the longer of its FLOPs at the {s['peak']} peak and its operands and results at the memory bandwidth: "
              f"{s['run_tflops']:.2f} TFLOP of GEMMs and attention, {s['bytes_gb']:.1f} GB, "
              f"{s['launches_per_run']:,} launches (loops' trips counted)"
              + ("" if s["mfu_ceiling"] is None else
@@ -264,6 +278,18 @@ def render(s: dict) -> str:
     lines += ["", "| largest buffers | kind | shape | MiB |", "|---|---|---|---:|"]
     lines += [f"| {x['name']} | {x['kind']} | {x['shape']} | {x['out_bytes'] / mib:,.0f} |" for x in s["largest"]]
     return "\n".join(lines) + "\n"
+
+
+def _check_outputs(json_path: str, hlo_dir: str) -> None:
+    from gptjax.errors import UserError
+
+    if json_path and (os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(os.path.abspath(json_path)))):
+        raise UserError(f"--json={json_path}: name a file in a directory that exists")
+    if hlo_dir:
+        try:
+            os.makedirs(hlo_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--hlo_dir={hlo_dir}: cannot make it ({e.strerror})") from None
 
 
 def main(argv: list[str]) -> int:
@@ -289,6 +315,7 @@ def main(argv: list[str]) -> int:
         if bad or not programs:
             raise UserError(f"--programs={','.join(programs)}: name some of {', '.join(PROGRAMS)}")
         config = with_vocabulary(load_config(take(opts, "config", table["config"]), opts))  # the rest: overrides
+        _check_outputs(json_path, hlo_dir)  # before minutes of compiling
         compiled = compile_programs(config, target, programs)
     except UserError as e:
         print(f"gptjax.bench.inspect: error: {e}", file=sys.stderr)
