@@ -10,8 +10,9 @@
 #         before (one arena, gptjax.parallel.reuse_freed_memory's mallopt), against the same run without them
 #         (`train_cold_250`): is the arena the cause of the 70 s compile?    About 60 s.
 # flags:  the unrolled shakespeare_char step (gpu_probe.py: cold compile, median step, the kernels' times) with
-#         XLA's Triton GEMMs off (gptjax's GPU flag) and on: the flag was measured on the scanned step only, and the
-#         inspection's bound favours Triton on this one (experiments/results/gpu_inspect.md).    About 80 s.
+#         XLA's Triton GEMMs off (gptjax's GPU flag) and on: the flag was measured on the scanned step only; on this
+#         one only the inspection's bound speaks for it (5.39 against 5.73 ms, experiments/results/gpu_inspect.md).
+#         About 80 s.
 # char:   the harness on shakespeare_char (dropout 0, so both frameworks may use flash attention).
 # sample: KV cache against re-forward, 256 new tokens, both frameworks.
 # The gpt2 part tokenizes with tiktoken's GPT-2 ranks: set TIKTOKEN_CACHE_DIR where there is no internet.
