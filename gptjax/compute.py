@@ -107,11 +107,11 @@ def resolve_compute(dtype: str = "auto", attention: str = "auto", scan: bool = F
     return Compute(dtype=dtype, attention=attention, scan=scan, remat=remat == "block", matmul=matmul)
 
 
-def compute_of(config, training: bool = True, **changes) -> Compute:
-    """How this config's model runs on JAX's default device: the train settings dtype, attention, scan_layers,
-    remat and matmul, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for eval). Without
-    training there is no dropout, so every attention path is open."""
+def compute_of(config, training: bool = True, device=None, **changes) -> Compute:
+    """How this config's model runs on `device` (default: JAX's first device): the train settings dtype, attention,
+    scan_layers, remat and matmul, resolved (auto -> a choice); `changes` override them (e.g. dtype="float32" for
+    eval). Without training there is no dropout, so every attention path is open."""
     t = dataclasses.replace(config.train, **changes)
     return resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat,
-                           config.model.dropout if training else 0.0, matmul=t.matmul)
+                           config.model.dropout if training else 0.0, device=device, matmul=t.matmul)
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from gptjax import data, kernels, model, optim, parallel, rundir
-from gptjax.compute import compute_of, resolve_compute
+from gptjax.compute import compute_of
 from gptjax.config import Config, TrainConfig, check_range
 from gptjax.errors import UserError
 from gptjax.weights import hf
@@ -107,9 +107,7 @@ def estimate_graphdef(config: Config, device=None):
     """The loss estimates' model: the training settings without dropout, which opens the fastest attention to them
     (cuDNN's on a GPU in bfloat16, where training with attention dropout runs the einsum path). On a CPU it is the
     training graphdef's equal. `config.model.vocab_size` resolved (setup's config)."""
-    t = config.train
-    return model.graphdef_for(config.model, resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, 0.0,
-                                                            device=device, matmul=t.matmul))
+    return model.graphdef_for(config.model, compute_of(config, training=False, device=device))
 
 
 def make_estimate(config: Config, mesh=None, params_like=None, device=None):

@@ -37,12 +37,11 @@ def use_all_cores() -> None:
 
 
 def process_settings() -> bool:
-    """What every gptjax entry point sets before jax starts: use_all_cores, gpu.skip_absent_gpu, gpu.use_gpu_flags
-    and reuse_freed_memory; returns whether the last was applied."""
+    """What every gptjax entry point sets before jax starts (importing gptjax has already run gpu.skip_absent_gpu):
+    use_all_cores, gpu.use_gpu_flags and reuse_freed_memory; returns whether the last was applied."""
     from gptjax import gpu
 
     use_all_cores()
-    gpu.skip_absent_gpu()
     gpu.use_gpu_flags()
     return reuse_freed_memory()
 

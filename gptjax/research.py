@@ -226,7 +226,6 @@ def main(run, argv: list[str] | None = None) -> int:
     from gptjax import gpu, parallel
 
     parallel.use_all_cores()
-    gpu.skip_absent_gpu()
     gpu.use_gpu_flags()
     parallel.use_compilation_cache()
     try:

@@ -226,10 +226,10 @@ def analyse(text: str, vocab_sizes: tuple[int, ...], tokens: int) -> dict:
                 kind = (i.attr("custom_call_target") or "custom-call") if i.op == "custom-call" else i.op
                 flops = (gemm(i, shapes, kind)["flops"] if kind.startswith("__cublas")
                          else attention_flops(i, shapes) if kind.startswith("__cudnn$fmha") else 0)
-                moved = sum(nbytes(shapes.get(o, [])) for o in i.operands) + nbytes(results(i))
+                moved = sum(nbytes(shapes.get(o, [])) for o in i.operands) + nbytes(shapes[i.name])
             kinds[kind] += 1
-            launches.append({"name": i.name, "kind": kind, "shape": shape_text(i), "out_bytes": nbytes(results(i)),
-                             "bytes": moved, "flops": flops, "arrays": results(i), "runs": runs})
+            launches.append({"name": i.name, "kind": kind, "shape": shape_text(i), "out_bytes": nbytes(shapes[i.name]),
+                             "bytes": moved, "flops": flops, "arrays": shapes[i.name], "runs": runs})
     logits_sized = [x for x in launches for d, dims in x["arrays"]
                     if d == "f32" and set(dims) & set(vocab_sizes) and math.prod(dims) >= tokens * min(vocab_sizes)]
     return {"kernels": dict(kinds), "launches": launches, "gemms": gemms, "scatters": scatters,

@@ -104,7 +104,7 @@ def compile_programs(config, target: str, programs=PROGRAMS) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from gptjax import evaluate, model, optim, sample, train
-    from gptjax.compute import resolve_compute
+    from gptjax.compute import compute_of
     from gptjax.errors import UserError
 
     _patch_cudnn_checks()
@@ -124,9 +124,7 @@ def compile_programs(config, target: str, programs=PROGRAMS) -> dict:
     A, B, T = t.gradient_accumulation_steps, t.batch_size, c.block_size
     out = {}
     for name in programs:
-        training = name == "train"
-        compute = resolve_compute(t.dtype, t.attention, t.scan_layers, t.remat, c.dropout if training else 0.0,
-                                  device=device, matmul=t.matmul)
+        compute = compute_of(config, training=name == "train", device=device)
         graphdef = model.graphdef_for(c, compute)
         if name == "train":
             tx = optim.make_optimizer(t, params)
